@@ -1,0 +1,83 @@
+"""Loading an SDXL model from wherever the user keeps it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class SDXL:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    tokenizer: object
+    tokenizer_2: object
+    noise_scheduler: object  # a DDPMScheduler with the model's training schedule
+    source: str  # the local folder or file the weights came from
+
+    @property
+    def text_encoders(self):
+        return (self.text_encoder, self.text_encoder_2)
+
+
+def resolve_model(model: str) -> str:
+    """``tiny``, a diffusers folder, a single checkpoint file, or a hub repo id
+    (through huggingface_hub's cache) -> a local path."""
+    if model == "tiny" or model.startswith("tiny:"):
+        from .tiny import tiny_sdxl_path
+        seed = int(model.split(":", 1)[1]) if ":" in model else 0
+        return str(tiny_sdxl_path(seed))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+            raise UserError(f"model folder {path} is not a diffusers SDXL folder (no model_index.json or unet/): "
+                            "pass a folder saved by save_pretrained, a .safetensors checkpoint, a hub id or 'tiny'")
+        return str(path)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"model file {path} does not exist: check the path")
+        if path.suffix == ".ckpt":
+            raise UserError(f"{path} is a pickle checkpoint, which emotrain never loads: convert it to .safetensors")
+        return str(path)
+    if model.count("/") == 1 and not path.exists():
+        from huggingface_hub import snapshot_download
+        try:
+            return snapshot_download(model, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                                     ignore_patterns=["*.fp16.safetensors", "*refiner*", "*.onnx*"])
+        except Exception as exc:  # network, auth or a missing repo: one line, not a traceback
+            raise UserError(f"could not fetch model {model!r} from the hub ({type(exc).__name__}): "
+                            "check the repo id and your connection, or pass a local folder") from None
+    raise UserError(f"model {model!r} not found: pass a diffusers SDXL folder, a .safetensors file, "
+                    "a hub repo id (owner/name) or 'tiny'")
+
+
+def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> SDXL:
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+
+    source = resolve_model(model)
+    try:
+        if Path(source).is_file():
+            pipe = StableDiffusionXLPipeline.from_single_file(source, dtype=weight_dtype)
+        else:
+            dtypes = {"default": weight_dtype, "vae": vae_dtype}
+            pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=dtypes, use_safetensors=True)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"could not load SDXL model from {source}: {exc}".splitlines()[0]) from None
+    if pipe.vae.dtype != vae_dtype:
+        pipe.vae.to(vae_dtype)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+        m.eval()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return SDXL(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+                noise_scheduler, source)
