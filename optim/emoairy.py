@@ -1,0 +1,115 @@
+"""EmoAiry: Adafactor-like rule, factored second moment, no first moment for matrices (spec 5)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import EmoOptimizer, StepScalars, masked_indices
+
+
+def _factor_means(sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # A conv weight (O, I, kh, kw) is factored as O x (I*kh*kw); keepdim shapes broadcast
+    # against the gradient in its own layout (channels_last included).
+    return sq.mean(dim=tuple(range(1, sq.dim())), keepdim=True), sq.mean(dim=0, keepdim=True)
+
+
+def emoairy_update(p: torch.Tensor, g: torch.Tensor, st: dict, hp: StepScalars) -> None:
+    """The rule for one tensor, as the spec writes it."""
+    if g.dim() >= 2:
+        R, C = _factor_means(g * g)
+        R, C = R + hp.eps, C + hp.eps
+        mask = (R > hp.thr3) & (C > hp.thr3)  # R ** (1/3) > thr and C ** (1/3) > thr
+        r, c = st["exp_avg_r"], st["exp_avg_c"]
+        r.mul_(hp.beta1).add_(R.sqrt(), alpha=1 - hp.beta1)  # b1, not b2, as published
+        c.mul_(hp.beta1).add_(C.sqrt(), alpha=1 - hp.beta1)
+        u = g / ((r * c).sqrt() + hp.eps) * mask
+    else:
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m.mul_(hp.beta1).add_(g, alpha=1 - hp.beta1)
+        v.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
+        u = m / (v.sqrt() + hp.eps) * (g * g > hp.thr3)  # strict, and on g squared
+    p.add_(p, alpha=-hp.lr * hp.wd)  # always applied, even when wd == 0
+    p.add_(u, alpha=-hp.step_size)
+
+
+def _open_filter(xs: list[torch.Tensor], thr3: float) -> list[torch.Tensor]:
+    # 1 where x ** (1/3) > thr, else +inf: dividing a denominator by it zeroes the step.
+    return [torch.where(x > thr3, 1.0, float("inf")) for x in xs]
+
+
+def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
+    sq = torch._foreach_mul(gs, gs)
+    R, C = map(list, zip(*[_factor_means(x) for x in sq]))
+    del sq
+    torch._foreach_add_(R, hp.eps)
+    torch._foreach_add_(C, hp.eps)
+    # The "+ eps" keeps these filters open in practice (spec 11); check cheaply.
+    closed = set(masked_indices(R, hp.thr3 * (1 + 1e-6))) | set(
+        masked_indices(C, hp.thr3 * (1 + 1e-6)))
+    gates = {i: (_open_filter([R[i]], hp.thr3)[0], _open_filter([C[i]], hp.thr3)[0])
+             for i in closed}
+    torch._foreach_sqrt_(R)
+    torch._foreach_sqrt_(C)
+    torch._foreach_lerp_(rows, R, 1 - hp.beta1)
+    torch._foreach_lerp_(cols, C, 1 - hp.beta1)
+    # sqrt(r) * sqrt(c) instead of sqrt(r * c): the square root runs on the small factors.
+    sr = list(torch._foreach_sqrt(rows))
+    sc = list(torch._foreach_sqrt(cols))
+    for i, (gr, gc) in gates.items():
+        sr[i] = sr[i] * gr
+        sc[i] = sc[i] * gc
+    eps = torch.full((), hp.eps, dtype=gs[0].dtype, device=gs[0].device)
+    denom = torch._foreach_addcmul([eps] * len(gs), sr, sc)  # the parameter-sized temporary
+    if hp.wd != 0:
+        torch._foreach_mul_(ps, 1 - hp.lr * hp.wd)
+    torch._foreach_addcdiv_(ps, gs, denom, value=-hp.step_size)
+
+
+def emoairy_vector_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
+    torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
+    torch._foreach_mul_(exp_avg_sqs, hp.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, hp.eps)
+    for i in masked_indices(gs, hp.thr3, strict_square=True):
+        denom[i].masked_fill_(gs[i] * gs[i] <= hp.thr3, float("inf"))
+    if hp.wd != 0:
+        torch._foreach_mul_(ps, 1 - hp.lr * hp.wd)
+    torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
+
+
+class EmoAiry(EmoOptimizer):
+    """Adafactor-like member of the Emo family (see shared/spec/emo-family-v2.md, section 5)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, use_shadow: bool = False, *,
+                 foreach: bool | None = None, fused: bool = False, sync_loss: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        use_shadow=use_shadow)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, sync_loss=sync_loss)
+
+    def _init_param_state(self, p, st):
+        dt = self._state_dtype(p)
+        if p.dim() >= 2:
+            # Keepdim shapes: (d0, 1, ..., 1) and (1, d1, ..., dk), d0 + prod(rest) elements.
+            st["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dt,
+                                          device=p.device)
+            st["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dt, device=p.device)
+        else:
+            st["exp_avg"] = torch.zeros_like(p, dtype=dt)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt)
+
+    def _single(self, p, g, st, hp):
+        emoairy_update(p, g, st, hp)
+
+    def _foreach(self, ps, gs, ss, hp):
+        mat = [i for i, p in enumerate(ps) if p.dim() >= 2]
+        vec = [i for i, p in enumerate(ps) if p.dim() < 2]
+        if mat:
+            emoairy_matrix_foreach([ps[i] for i in mat], [gs[i] for i in mat],
+                                   [ss[i]["exp_avg_r"] for i in mat],
+                                   [ss[i]["exp_avg_c"] for i in mat], hp)
+        if vec:
+            emoairy_vector_foreach([ps[i] for i in vec], [gs[i] for i in vec],
+                                   [ss[i]["exp_avg"] for i in vec],
+                                   [ss[i]["exp_avg_sq"] for i in vec], hp)

@@ -1,0 +1,60 @@
+"""EmoCats: Lion-like rule, one full-size state (spec 6)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import EmoOptimizer, StepScalars, masked_indices
+
+
+def _decay_factor(hp: StepScalars) -> float:
+    # Decoupled decay divides by the constructor lr so the shrink follows the schedule.
+    wd = hp.wd / hp.lr0 if hp.decoupled else hp.wd
+    return 1 - hp.lr * wd
+
+
+def emocats_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
+                   hp: StepScalars) -> None:
+    """The rule for one tensor, as the spec writes it."""
+    mask = g.abs() >= hp.thr3  # |g| ** (1/3) >= thr
+    p.mul_(_decay_factor(hp))
+    c = (exp_avg * hp.beta1).add_(g, alpha=1 - hp.beta1).sign_()
+    p.add_(c * mask, alpha=-hp.step_size)
+    exp_avg.mul_(hp.beta2).add_(g, alpha=1 - hp.beta2)  # after the update, as in Lion
+
+
+def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
+    """Same rule on a list; closed filter entries zero the sign."""
+    c = torch._foreach_mul(exp_avgs, hp.beta1)  # the one parameter-sized temporary
+    torch._foreach_add_(c, gs, alpha=1 - hp.beta1)
+    torch._foreach_sign_(c)
+    for i in masked_indices(gs, hp.thr3):
+        c[i].masked_fill_(gs[i].abs() < hp.thr3, 0.0)
+    factor = _decay_factor(hp)
+    if factor != 1:
+        torch._foreach_mul_(ps, factor)
+    torch._foreach_add_(ps, c, alpha=-hp.step_size)
+    torch._foreach_mul_(exp_avgs, hp.beta2)
+    torch._foreach_add_(exp_avgs, gs, alpha=1 - hp.beta2)
+
+
+class EmoCats(EmoOptimizer):
+    """Lion-like member of the Emo family (see shared/spec/emo-family-v2.md, section 6)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.01, decoupled_weight_decay: bool = False,
+                 use_shadow: bool = False, *, foreach: bool | None = None,
+                 fused: bool = False, sync_loss: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, use_shadow=use_shadow)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, sync_loss=sync_loss)
+
+    def _init_param_state(self, p, st):
+        st["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
+                                         memory_format=torch.preserve_format)
+
+    def _single(self, p, g, st, hp):
+        emocats_update(p, g, st["exp_avg"], hp)
+
+    def _foreach(self, ps, gs, ss, hp):
+        emocats_foreach(ps, gs, [s["exp_avg"] for s in ss], hp)

@@ -1,0 +1,55 @@
+"""EmoSens: Adam-like rule, two full-size states, no bias correction (spec 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._base import EmoOptimizer, StepScalars, masked_indices
+
+
+def emosens_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
+                   exp_avg_sq: torch.Tensor, hp: StepScalars) -> None:
+    """The rule for one tensor, as the spec writes it."""
+    exp_avg.mul_(hp.beta1).add_(g, alpha=1 - hp.beta1)
+    exp_avg_sq.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
+    u = exp_avg / (exp_avg_sq.sqrt() + hp.eps)
+    u.mul_(g.abs() >= hp.thr3)  # |g| ** (1/3) >= thr
+    if hp.wd != 0:
+        p.add_(p, alpha=-hp.lr * hp.wd)  # decoupled, not scaled by 1 - |s|
+    p.add_(u, alpha=-hp.step_size)
+
+
+def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
+    """Same rule on a list; the filter is folded into the denominator (1/inf = 0)."""
+    torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
+    torch._foreach_mul_(exp_avg_sqs, hp.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)  # the one parameter-sized temporary
+    torch._foreach_add_(denom, hp.eps)
+    for i in masked_indices(gs, hp.thr3):
+        denom[i].masked_fill_(gs[i].abs() < hp.thr3, float("inf"))
+    if hp.wd != 0:
+        torch._foreach_mul_(ps, 1 - hp.lr * hp.wd)
+    torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
+
+
+class EmoSens(EmoOptimizer):
+    """Adam-like member of the Emo family (see shared/spec/emo-family-v2.md, section 4)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01, use_shadow: bool = False, *,
+                 foreach: bool | None = None, fused: bool = False, sync_loss: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        use_shadow=use_shadow)
+        super().__init__(params, defaults, foreach=foreach, fused=fused, sync_loss=sync_loss)
+
+    def _init_param_state(self, p, st):
+        dt = self._state_dtype(p)
+        st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+
+    def _single(self, p, g, st, hp):
+        emosens_update(p, g, st["exp_avg"], st["exp_avg_sq"], hp)
+
+    def _foreach(self, ps, gs, ss, hp):
+        emosens_foreach(ps, gs, [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss], hp)

@@ -1,0 +1,143 @@
+"""Every path of every optimizer against the independent oracle (test_optim_oracle.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_optim_oracle import Oracle  # noqa: E402
+
+from optim import EmoAiry, EmoCats, EmoSens  # noqa: E402
+
+CLASSES = {"emosens": EmoSens, "emoairy": EmoAiry, "emocats": EmoCats}
+SHAPES = [(17,), (12, 9), (6, 4, 3, 3), ()]
+STEPS = 50
+
+# Calm, then a small drop (|s| in (0.1, 0.6]), a large drop (|s| > 0.6), a rise, noise.
+LOSSES = ([1.0] * 8 + [0.97] * 6 + [0.5] * 8 + [0.55] * 4 + [1.4] * 8
+          + [1.0 + 0.03 * math.sin(i) for i in range(16)])
+assert len(LOSSES) == STEPS
+
+
+def _paths():
+    return [dict(foreach=True), dict(foreach=False), dict(fused=True)]
+
+
+def _grads(step, params, gen):
+    """Random gradients with exact zeros, filter-closing tiny entries and an empty step."""
+    out = []
+    for i, p in enumerate(params):
+        if i == 1 and step % 7 == 3:
+            out.append(None)  # a parameter without gradient this step
+            continue
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1
+        flat = g.view(-1)
+        if flat.numel() >= 8:
+            flat[0] = 0.0
+            flat[1] = 1e-14          # root 2.2e-5: always below the threshold
+            flat[2] = -3e-12         # root 1.4e-4: passes only while |s| < 0.44
+            flat[3] = 1e-11          # root 2.2e-4: always passes
+            flat[4] = 4e-13          # g*g root tiny: EmoAiry's vector mask closes
+        if i == 2 and step == 5:
+            g.zero_()
+        out.append(g.to(p.dtype))
+    return out
+
+
+def _run(kind, path, dtype, use_shadow, decoupled=False, shapes=SHAPES, eps=1e-8,
+         wd=0.01, scheduled=True):
+    gen = torch.Generator().manual_seed(1234)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).mul_(0.5).to(dtype)
+            for s in shapes]
+    kw = dict(lr=2e-3, eps=eps, weight_decay=wd, use_shadow=use_shadow)
+    if decoupled:
+        kw["decoupled_weight_decay"] = True
+    oracle = Oracle(kind, init, **kw)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = CLASSES[kind](params, **kw, **path)
+    for step, L in enumerate(LOSSES):
+        lr = 2e-3 * (1 - step / (2 * STEPS)) if scheduled else 2e-3
+        grads = _grads(step, params, gen)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.param_groups[0]["lr"] = lr
+        opt.step(loss=L)
+        oracle.step(grads, loss=L, lr=lr)
+    return params, oracle, opt
+
+
+def _max_diff(params, oracle):
+    return max((p.detach() - q).abs().max().item() for p, q in zip(params, oracle.p))
+
+
+@pytest.mark.parametrize("use_shadow", [False, True])
+@pytest.mark.parametrize("path", _paths(), ids=["foreach", "plain", "fused"])
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_parity_fp32(kind, path, use_shadow):
+    params, oracle, opt = _run(kind, path, torch.float32, use_shadow)
+    if use_shadow:  # the loss sequence crosses every band of the ratio
+        assert 0.0 in oracle.ratios
+        assert any(0.1 < r <= 0.6 for r in oracle.ratios)
+        assert any(r > 0.6 for r in oracle.ratios)
+        assert all("shadow" in opt.state[p] for p in params)
+    assert abs(opt.emotion.s - oracle.s) < 1e-12
+    # The updates really moved the parameters (the comparison is not vacuous).
+    moved = max((p.detach() - torch.zeros_like(p)).abs().max().item() for p in params)
+    assert moved > 0
+    assert _max_diff(params, oracle) <= 1e-6
+
+
+@pytest.mark.parametrize("path", _paths(), ids=["foreach", "plain", "fused"])
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_parity_fp64_tight(kind, path):
+    params, oracle, _ = _run(kind, path, torch.float64, True)
+    assert _max_diff(params, oracle) <= 1e-12
+
+
+@pytest.mark.parametrize("path", _paths(), ids=["foreach", "plain", "fused"])
+def test_parity_emocats_decoupled_decay(path):
+    params, oracle, _ = _run("emocats", path, torch.float32, False, decoupled=True)
+    assert _max_diff(params, oracle) <= 1e-6
+
+
+@pytest.mark.parametrize("path", _paths(), ids=["foreach", "plain", "fused"])
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_parity_no_weight_decay(kind, path):
+    params, oracle, _ = _run(kind, path, torch.float32, False, wd=0.0, scheduled=False)
+    assert _max_diff(params, oracle) <= 1e-6
+
+
+@pytest.mark.parametrize("path", _paths(), ids=["foreach", "plain", "fused"])
+def test_parity_emoairy_closed_matrix_filter(path):
+    # With eps = 0 a row of tiny gradients closes EmoAiry's matrix filter (spec 5).
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(5, 6, generator=gen), torch.randn(3, 2, 2, 2, generator=gen)]
+    oracle = Oracle("emoairy", init, eps=0.0)
+    params = [torch.nn.Parameter(t.clone()) for t in init]
+    opt = EmoAiry(params, eps=0.0, **path)
+    for L in LOSSES[:20]:
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        grads[0][2] = 1e-7       # row 2: mean g*g = 1e-14 < threshold ** 3
+        grads[1][:, 1] = 1e-7    # column 1 of the conv factorisation
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step(loss=L)
+        oracle.step(grads, loss=L)
+    assert _max_diff(params, oracle) <= 1e-6
+    # Only the decay touched the closed row: it shrank by exactly (1 - lr*wd) per step.
+    assert torch.allclose(params[0][2], init[0][2] * (1 - 1e-3 * 0.01) ** 20, rtol=1e-5, atol=0)
+
+
+def test_oracle_disagrees_with_a_wrong_rule():
+    """The comparison can fail: EmoSens with bias correction is not EmoSens."""
+    params, oracle, _ = _run("emosens", dict(foreach=True), torch.float32, False)
+    oracle_b = Oracle("emosens", [torch.zeros(3)], lr=1.0, weight_decay=0.0)
+    oracle_b.step([torch.ones(3)], loss=1.0)
+    assert abs(oracle_b.p[0][0].item() + 3.16) < 0.01  # would be -1.0 with bias correction
+    oracle.p[0] = oracle.p[0] + 2e-6
+    assert _max_diff(params, oracle) > 1e-6
