@@ -61,7 +61,7 @@ def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
     eps = torch.full((), hp.eps, dtype=gs[0].dtype, device=gs[0].device)
     denom = torch._foreach_addcmul([eps] * len(gs), sr, sc)  # the parameter-sized temporary
     if hp.wd != 0:
-        torch._foreach_mul_(ps, 1 - hp.lr * hp.wd)
+        torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
     torch._foreach_addcdiv_(ps, gs, denom, value=-hp.step_size)
 
 
@@ -74,7 +74,7 @@ def emoairy_vector_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> No
     for i in masked_indices(gs, hp.thr3, strict_square=True):
         denom[i].masked_fill_(gs[i] * gs[i] <= hp.thr3, float("inf"))
     if hp.wd != 0:
-        torch._foreach_mul_(ps, 1 - hp.lr * hp.wd)
+        torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
     torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
 
 

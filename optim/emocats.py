@@ -7,17 +7,19 @@ import torch
 from ._base import EmoOptimizer, StepScalars, masked_indices
 
 
-def _decay_factor(hp: StepScalars) -> float:
+def _decay(hp: StepScalars) -> float:
     # Decoupled decay divides by the constructor lr so the shrink follows the schedule.
     wd = hp.wd / hp.lr0 if hp.decoupled else hp.wd
-    return 1 - hp.lr * wd
+    return hp.lr * wd
 
 
 def emocats_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
                    hp: StepScalars) -> None:
     """The rule for one tensor, as the spec writes it."""
     mask = g.abs() >= hp.thr3  # |g| ** (1/3) >= thr
-    p.mul_(_decay_factor(hp))
+    # p * (1 - lr * wd_eff), written as p - (lr * wd_eff) p: the factor 1 - 1e-5 would be
+    # rounded to float32 and bias every step by up to 6e-8 * p.
+    p.add_(p, alpha=-_decay(hp))
     c = (exp_avg * hp.beta1).add_(g, alpha=1 - hp.beta1).sign_()
     p.add_(c * mask, alpha=-hp.step_size)
     exp_avg.mul_(hp.beta2).add_(g, alpha=1 - hp.beta2)  # after the update, as in Lion
@@ -30,9 +32,9 @@ def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     torch._foreach_sign_(c)
     for i in masked_indices(gs, hp.thr3):
         c[i].masked_fill_(gs[i].abs() < hp.thr3, 0.0)
-    factor = _decay_factor(hp)
-    if factor != 1:
-        torch._foreach_mul_(ps, factor)
+    decay = _decay(hp)
+    if decay != 0:
+        torch._foreach_add_(ps, ps, alpha=-decay)
     torch._foreach_add_(ps, c, alpha=-hp.step_size)
     torch._foreach_mul_(exp_avgs, hp.beta2)
     torch._foreach_add_(exp_avgs, gs, alpha=1 - hp.beta2)

@@ -29,7 +29,7 @@ def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
     for i in masked_indices(gs, hp.thr3):
         denom[i].masked_fill_(gs[i].abs() < hp.thr3, float("inf"))
     if hp.wd != 0:
-        torch._foreach_mul_(ps, 1 - hp.lr * hp.wd)
+        torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
     torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
 
 

@@ -129,7 +129,8 @@ class Oracle:
         m = st.get("m", torch.zeros_like(p))
         wd_eff = self.wd / self.lr0 if self.decoupled else self.wd
         mask = (torch.abs(g) ** (1 / 3) >= thr).to(p.dtype)
-        p = p * (1 - lr * wd_eff)
+        # Exact product rounded once (a float32 factor 1 - lr*wd_eff would bias each step).
+        p = (p.double() * (1 - lr * wd_eff)).to(p.dtype)
         c = torch.sign(b1 * m + (1 - b1) * g)
         p = p - lr * (1 - a) * c * mask
         m = b2 * m + (1 - b2) * g
