@@ -61,7 +61,12 @@ def resolve_model(model: str) -> str:
 
 def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> SDXL:
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    # Their per-component bars would interleave with ours; our own bar covers the load.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     source = resolve_model(model)
     try:
         if Path(source).is_file():

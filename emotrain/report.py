@@ -1,0 +1,74 @@
+"""What a run writes about itself: run.json, memory, versions; atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("emotrain", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+def memory_report(device: torch.device, optimizer, lora_params, frozen_modules) -> dict:
+    """Measured memory: on CUDA the allocator's peaks, split where we can count; on CPU
+    the optimizer's allocated state and the process's peak resident set."""
+    report = {
+        "device": str(device),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "lora_param_bytes": tensor_bytes(lora_params),
+        "frozen_weight_bytes": tensor_bytes(p for m in frozen_modules for p in m.parameters() if not p.requires_grad),
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if device.type == "cuda":
+        report["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        report["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        known = report["optimizer_state_bytes"] + 2 * report["lora_param_bytes"] + report["frozen_weight_bytes"]
+        report["cuda_activations_bytes_estimate"] = max(0, report["cuda_peak_allocated_bytes"] - known)
+    return report
