@@ -432,7 +432,8 @@ def _real_lora_unet(model: str, rank: int, alpha: float, conv_rank, conv_alpha, 
         if Path(source).is_file():
             raise UserError("--measure needs a diffusers folder, 'tiny' or 'sdxl' (random weights), not a single file")
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
-    unet.to(device=device, dtype=dtype)
+    # diffusers warns on any .to(dtype=...), even a no-op one
+    unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
     add_lora(unet, unet_lora_config(rank, alpha, conv_rank, conv_alpha))
     unet.to(device)
     return unet
