@@ -229,3 +229,41 @@ def test_writes_are_atomic(weights, tmp_path):
     target = tmp_path / "out.safetensors"
     save_kohya(target, weights)
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_reads_older_diffusers_layouts(weights, tmp_path):
+    # The layout diffusers' own convert_state_dict_to_diffusers writes (lora.down / lora_linear_layer).
+    from diffusers.utils import convert_state_dict_to_diffusers
+    tensors = {}
+    for component in ("unet", "text_encoder"):
+        peft_sd = {}
+        for name, m in weights.component(component).items():
+            peft_sd[f"{name}.lora_A.weight"], peft_sd[f"{name}.lora_B.weight"] = m.down, m.up
+        tensors.update({f"{component}.{k}": v for k, v in convert_state_dict_to_diffusers(peft_sd).items()})
+    save_file(tensors, tmp_path / "old.safetensors")
+    read = load_lora_file(tmp_path / "old.safetensors")
+    assert len(read.modules) == 307 + 18
+    for name, m in read.modules.items():
+        want = weights.modules[name]
+        assert torch.equal(m.down, want.down) and torch.equal(m.up, want.up)
+        assert m.alpha == m.rank  # no alphas in that layout: diffusers' reading too
+
+
+def test_sgm_mapping_covers_full_sdxl():
+    import re
+
+    from emotrain.lora_files import _undo_underscores, sgm_block_table, unet_name_from_sgm, unet_name_to_sgm
+    from emotrain.sdxl import meta_unet
+    from emotrain.sdxl.lora import UNET_TARGETS
+
+    unet = meta_unet()
+    names = [n for n, _ in unet.named_modules() if re.match(UNET_TARGETS, n)]
+    table = sgm_block_table(unet.config)
+    sgm = {n: unet_name_to_sgm(n, table) for n in names}
+    assert len(names) == len(set(sgm.values())) == 788
+    for n, s in sgm.items():
+        assert unet_name_from_sgm(_undo_underscores(s.replace(".", "_")), table) == n
+    assert sgm["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
+    assert sgm["down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2"] == \
+        "input_blocks.8.1.transformer_blocks.9.ff.net.2"
+    assert sgm["up_blocks.0.resnets.2.conv_shortcut"] == "output_blocks.2.0.skip_connection"
