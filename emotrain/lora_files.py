@@ -443,7 +443,10 @@ def _fmt(x: float) -> str:
 def kohya_metadata(weights: LoraWeights) -> dict[str, str]:
     """The ss_*/modelspec header sd-scripts writes, describing what the file holds."""
     unet = weights.component("unet")
-    linear = [m for m in weights.modules.values() if not (m.is_conv and m.down.shape[-1] > 1)]
+    # network_dim/alpha describe the UNet's linear layers (and 1x1 convs), as in sd-scripts;
+    # a text-encoder-only file falls back to the text encoders'.
+    linear = [m for m in unet.values() if not (m.is_conv and m.down.shape[-1] > 1)]
+    linear = linear or [m for m in weights.modules.values() if not m.is_conv]
     conv = [m for m in unet.values() if m.is_conv and m.down.shape[-1] > 1]
     dim = _mode([m.rank for m in linear], _mode([m.rank for m in conv], 0))
     alpha = _mode([m.alpha for m in linear if m.rank == dim], float(dim))

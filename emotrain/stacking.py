@@ -160,6 +160,10 @@ class CombineReport:
     overall: float = 0.0
     exact: bool = True
 
+    def as_dict(self) -> dict:
+        return {"exact": self.exact, "overall_relative_error": self.overall, "max_relative_error": self.max_error,
+                "modules": {n: {"rank": self.ranks[n], "relative_error": self.errors[n]} for n in self.ranks}}
+
     @property
     def max_error(self) -> float:
         return max(self.errors.values(), default=0.0)
@@ -237,7 +241,7 @@ def _refactor(up: torch.Tensor, down: torch.Tensor, rank: int):
     d2 = down.reshape(big_r, -1).double()
     q1, r1 = torch.linalg.qr(u2)
     q2, r2 = torch.linalg.qr(d2.T)
-    us, s, vh = torch.linalg.svd(r1 @ r2.T)
+    us, s, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
     keep = max(1, min(rank, int(s.numel())))
     root = s[:keep].sqrt()
     # Split the singular values evenly between the factors: same convention as training
