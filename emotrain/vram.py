@@ -45,6 +45,10 @@ LAYER_KINDS = (
     ("text encoders", r"^text_encoder"),
 )
 TRANSFORMER_KINDS = ("attention", "feed-forward", "transformer proj_in/out")
+# LoRA placements: emotrain's full-layer LoRA, or only the UNet's transformer blocks
+# (kohya's default UNet targets, which the published VRAM figures were measured with).
+TARGETS = ("full", "transformer")
+TRANSFORMER_TARGETS = r"^(.*\.)?(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$"
 
 
 # -- the model on the meta device ------------------------------------------------------
@@ -103,24 +107,37 @@ def _model_configs(model: str) -> dict:
 
 
 def meta_sdxl(model: str = "sdxl", rank: int = 16, alpha: float | None = None, conv_rank: int | None = None,
-              conv_alpha: float | None = None, train_text_encoders: bool = False) -> dict[str, torch.nn.Module]:
+              conv_alpha: float | None = None, train_text_encoders: bool = False,
+              targets: str = "full") -> dict[str, torch.nn.Module]:
     """UNet, both text encoders and VAE on the meta device, with the training LoRA
     (text encoders too when they are trained)."""
     import transformers
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from peft import LoraConfig
 
-    from .sdxl import add_lora, meta_lora_unet, text_encoder_lora_config
+    from .sdxl import add_lora, load_config, meta_lora_unet, meta_unet, text_encoder_lora_config
 
     alpha = float(rank if alpha is None else alpha)
+    from .sdxl import resolve_model
+
     unet_model = model
     if model not in ("sdxl", "tiny") and Path(model).suffix == ".safetensors":
         unet_model = "sdxl"
     elif model not in ("sdxl", "tiny"):
-        from .sdxl import resolve_model
         unet_model = resolve_model(model)
-    modules = {"unet": meta_lora_unet(unet_model, rank, alpha, conv_rank, conv_alpha)}
+    if targets == "full":
+        modules = {"unet": meta_lora_unet(unet_model, rank, alpha, conv_rank, conv_alpha)}
+    elif targets == "transformer":
+        unet = meta_unet(load_config("sdxl_unet") if unet_model == "sdxl" else
+                         UNet2DConditionModel.load_config(resolve_model(unet_model), subfolder="unet"))
+        with torch.device("meta"):
+            add_lora(unet, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TRANSFORMER_TARGETS))
+        modules = {"unet": unet}
+    else:
+        raise UserError(f"LoRA targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    configs = _model_configs(model)  # may build the tiny model: real tensors, outside the meta context
     with torch.device("meta"):
-        for name, (cls, config) in _model_configs(model).items():
+        for name, (cls, config) in configs.items():
             if name == "vae":
                 modules[name] = AutoencoderKL.from_config(config)
             else:
@@ -275,21 +292,30 @@ def _rows(names: list[str], shadows: tuple[bool, ...]) -> list[tuple[str, bool]]
 
 def plan(model: str = "sdxl", rank: int = 16, alpha: float | None = None, conv_rank: int | None = None,
          conv_alpha: float | None = None, optims="all", shadow="both", mixed_precision: str = "no",
-         train_text_encoders: bool = False, optim_args: dict[str, dict] | None = None) -> dict:
+         train_text_encoders: bool = False, optim_args: dict[str, dict] | None = None,
+         targets: str = "full") -> dict:
     """Memory of a LoRA run per optimizer, in bytes: LoRA weights (fp32), optimizer state,
     gradients (fp32) and frozen base weights. Activations are not included: they depend
     on batch size, resolution and checkpointing, and are the same for every optimizer.
     ``optim_args``: optimizer name -> keyword arguments, for options that change the
-    state (e.g. ``{"adamw8bit": {"min_8bit_size": 16384}}``)."""
+    state (e.g. ``{"adamw8bit": {"min_8bit_size": 16384}}``). ``targets="transformer"``
+    plans kohya's default UNet LoRA instead of the full-layer one, for comparisons.
+
+    ``total_bytes`` holds every frozen network (UNet, text encoders, VAE), as a trainer
+    that keeps them loaded needs; ``training_step_bytes`` holds only what emotrain's loop
+    keeps once latents and captions are cached: the UNet, and the text encoders when
+    they are trained."""
     started = time.perf_counter()
     names = parse_optims(optims)
     rows = _rows(names, shadow_settings(shadow))
-    modules = meta_sdxl(model, rank, alpha, conv_rank, conv_alpha, train_text_encoders)
+    modules = meta_sdxl(model, rank, alpha, conv_rank, conv_alpha, train_text_encoders, targets)
     params = lora_parameters(modules)
     lora_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
     base = base_weight_bytes(modules, mixed_precision)
     base_total = sum(base.values())
+    resident = ("unet", "text_encoder", "text_encoder_2") if train_text_encoders else ("unet",)
+    base_resident = sum(base[c] for c in resident)
 
     def state_of(name, s):
         return planned_state_bytes(name, params, shadow=s, args=(optim_args or {}).get(name))
@@ -303,6 +329,7 @@ def plan(model: str = "sdxl", rank: int = 16, alpha: float | None = None, conv_r
             "optimizer": name, "shadow": s, "lora_param_bytes": lora_bytes, "state_bytes": state,
             "grad_bytes": grad_bytes, "base_bytes": base_total, "total_bytes": total,
             "delta_vs_emocats_bytes": total - reference_total,
+            "training_step_bytes": total - base_total + base_resident,
         }
     breakdown = _lora_breakdown(modules)
     by_component = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
@@ -312,12 +339,13 @@ def plan(model: str = "sdxl", rank: int = 16, alpha: float | None = None, conv_r
         "model": model, "rank": rank, "alpha": float(rank if alpha is None else alpha),
         "conv_rank": rank if conv_rank is None else conv_rank,
         "conv_alpha": float((rank if alpha is None else alpha) if conv_alpha is None else conv_alpha),
-        "mixed_precision": mixed_precision, "train_text_encoders": train_text_encoders,
+        "mixed_precision": mixed_precision, "train_text_encoders": train_text_encoders, "targets": targets,
         "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
         "lora_modules": sum(v["modules"] for v in breakdown.values()),
         "lora_params_by_component": {k: v for k, v in by_component.items() if v},
         "lora_params_by_layer": breakdown,
         "base_bytes_by_component": base,
+        "resident_while_training": list(resident),
         # Where the published "+-300 MB" comes from: one fp32 value per LoRA weight of the
         # UNet's transformer blocks (kohya's default LoRA targets), at this rank.
         "reference": {"optimizer": REFERENCE, "shadow": False, "total_bytes": reference_total,
@@ -347,7 +375,7 @@ def row_label(name: str, shadow: bool) -> str:
 def _render(table) -> str:
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=130, color_system=None, force_terminal=False)
+    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
     console.print(table)
     return console.file.getvalue()
 
@@ -357,40 +385,50 @@ def format_table(p: dict) -> str:
     from rich.table import Table
 
     te = " + text-encoder LoRA" if p["train_text_encoders"] else ""
-    title = (f"VRAM plan: {p['model']}, full-layer LoRA rank {p['rank']} (conv {p['conv_rank']}){te}, "
+    kind = (f"full-layer LoRA rank {p['rank']} (conv {p['conv_rank']})" if p.get("targets", "full") == "full"
+            else f"transformer-block LoRA rank {p['rank']}")
+    title = (f"VRAM plan: {p['model']}, {kind}{te}, "
              f"{p['lora_params']:,} LoRA params, base weights {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}")
-    table = Table(title=title, caption="MB = 10^6 bytes. Not included: activations, CUDA context, allocator slack "
-                  "(the same for every optimizer).")
-    for col in ("Optimizer", "LoRA params", "Opt. state", "Gradients", "Base weights", "Total", "vs EmoCats"):
-        table.add_column(col + ("" if col == "Optimizer" else " MB"), justify="left" if col == "Optimizer" else "right")
+    kept = " + ".join(p["resident_while_training"])
+    table = Table(title=title)
+    for col in ("Optimizer", "LoRA", "Opt. state", "Grads", "Base", "Total", "vs EmoCats", "Train step"):
+        table.add_column(col, justify="left" if col == "Optimizer" else "right", no_wrap=True)
     for row in p["optimizers"].values():
         table.add_row(row_label(row["optimizer"], row["shadow"]), _mb(row["lora_param_bytes"]), _mb(row["state_bytes"]),
                       _mb(row["grad_bytes"]), _mb(row["base_bytes"]), _mb(row["total_bytes"]),
-                      _delta(row["delta_vs_emocats_bytes"]))
+                      _delta(row["delta_vs_emocats_bytes"]), _mb(row["training_step_bytes"]))
     text = _render(table)
     ref = p["reference"]
-    lines = ["LoRA parameters by layer kind:"]
+    lines = [
+        "All in MB = 10^6 bytes. LoRA weights and gradients fp32. Base: UNet + both text encoders + VAE (VAE fp32).",
+        f"Train step: Total less what emotrain frees once latents and captions are cached (it keeps {kept}).",
+        "Not included: activations, CUDA context, allocator slack (the same for every optimizer).",
+        "LoRA parameters by layer kind:"]
     for kind, v in p["lora_params_by_layer"].items():
         lines.append(f"  {kind:34s} {v['modules']:5d} modules {v['params']:>14,} params")
+    if p["model"] == "tiny":
+        return text + "\n".join(lines) + "\n"
     lines.append(
         f"Published claim (spec 10): a rank-32 LoRA on the attention layers, about 85 M params, one fp32 state "
         f"about 340 MB; EmoSens +1 state, EmoAiry about -1 state vs EmoCats.")
     lines.append(
         f"Here (rank {p['rank']}): transformer blocks (attention + feed-forward + proj_in/out, kohya's default "
         f"UNet targets) {ref['transformer_blocks_params']:,} params = {_mb(ref['one_fp32_state_bytes_transformer_blocks'])} MB "
-        f"per fp32 state; attention projections alone {ref['attention_only_params']:,}; this full-layer LoRA "
+        f"per fp32 state; attention projections alone {ref['attention_only_params']:,}; this LoRA "
         f"{p['lora_params']:,} = {_mb(ref['one_fp32_state_bytes'])} MB per fp32 state.")
     return text + "\n".join(lines) + "\n"
 
 
 def format_markdown(p: dict) -> str:
     """The plan's table as Markdown, for results files."""
-    head = "| Optimizer | LoRA params MB | Opt. state MB | Gradients MB | Base weights MB | Total MB | vs EmoCats MB |"
-    lines = [head, "|" + "---|" * 7]
+    head = ("| Optimizer | LoRA params MB | Opt. state MB | Gradients MB | Base weights MB | Total MB "
+            "| vs EmoCats MB | Training step MB |")
+    lines = [head, "|---|" + "---:|" * 7]
     for row in p["optimizers"].values():
         lines.append(f"| {row_label(row['optimizer'], row['shadow'])} | {_mb(row['lora_param_bytes'])} | "
                      f"{_mb(row['state_bytes'])} | {_mb(row['grad_bytes'])} | {_mb(row['base_bytes'])} | "
-                     f"{_mb(row['total_bytes'])} | {_delta(row['delta_vs_emocats_bytes'])} |")
+                     f"{_mb(row['total_bytes'])} | {_delta(row['delta_vs_emocats_bytes'])} | "
+                     f"{_mb(row['training_step_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 
