@@ -24,7 +24,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,13 +418,21 @@ def _parse_diffusers(tensors, p, adapter_meta) -> LoraWeights:
 # writing
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> Path:
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # Same folder as the target, so os.replace is a rename and never a half-written copy.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=header)
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+        # safetensors creates files 0600; a LoRA is for sharing with other tools and users.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,7 +135,9 @@ def save_merged_pipeline(model_source: str, loras: WeightedLoras, output_dir, dt
     if dtype is not None:
         pipe.to(dtype=dtype)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    # Named by hand rather than with mkdtemp, whose 0700 mode the folder would keep.
+    tmp = output_dir.parent / f".{output_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if output_dir.exists():

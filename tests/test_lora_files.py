@@ -3,6 +3,8 @@ reads back into the same numbers."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -229,6 +231,9 @@ def test_writes_are_atomic(weights, tmp_path):
     target = tmp_path / "out.safetensors"
     save_kohya(target, weights)
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_reads_older_diffusers_layouts(weights, tmp_path):
