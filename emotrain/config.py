@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -70,9 +71,10 @@ KEYS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 def _coerce(key: str, value, where: str):
     """Check one value against the field's declared type; ints are fine for floats."""
     hint = typing.get_type_hints(TrainConfig)[key]
-    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if is_union else ()
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    base = next(a for a in args if a is not type(None)) if is_union else hint
     if value is None and optional:
         return None
     origin = typing.get_origin(base)

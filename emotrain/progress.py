@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -17,11 +18,12 @@ class TrainProgress:
         self.total = total_steps
         self.smoothed = None
         self._progress = Progress(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
-            disable=not enabled)
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not enabled)
         self._task = None
+        self._started = None
+        self._first_step = 0
 
     @contextmanager
     def task(self, description: str, total: int | None = None):
@@ -35,6 +37,7 @@ class TrainProgress:
     def __enter__(self):
         self._progress.start()
         self._task = self._progress.add_task("training", total=self.total, stats="", speed="")
+        self._started = None
         return self
 
     def __exit__(self, *exc):
@@ -43,10 +46,12 @@ class TrainProgress:
     def update(self, step: int, loss: float, emotion: float | None, lr: float) -> None:
         self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
         stats = f"loss {self.smoothed:.4f}" + (f"  s {emotion:+.3f}" if emotion is not None else "") + f"  lr {lr:.2e}"
-        self._progress.update(self._task, completed=step, stats=stats)
-        speed = next(t.speed for t in self._progress.tasks if t.id == self._task)
-        if speed:
-            self._progress.update(self._task, speed=f"{speed:.2f} it/s")
+        now = time.perf_counter()
+        if self._started is None:  # timed from the first finished step: excludes warm-up
+            self._started, self._first_step = now, step
+        elapsed = now - self._started
+        speed = f"{(step - self._first_step) / elapsed:.2f} it/s" if elapsed > 0 else ""
+        self._progress.update(self._task, completed=step, stats=stats, speed=speed)
 
     def summary(self, run: dict) -> None:
         losses = run["losses"]

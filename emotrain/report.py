@@ -19,6 +19,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file is as readable as any other
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -27,6 +28,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -72,3 +79,32 @@ def memory_report(device: torch.device, optimizer, lora_params, frozen_modules) 
         known = report["optimizer_state_bytes"] + 2 * report["lora_param_bytes"] + report["frozen_weight_bytes"]
         report["cuda_activations_bytes_estimate"] = max(0, report["cuda_peak_allocated_bytes"] - known)
     return report
+
+
+def training_metadata(cfg, steps: int, model_source: str, started_at: float) -> dict:
+    """sd-scripts' ss_* training notes (what A1111/ComfyUI show about a LoRA), plus our
+    whole config so a file says how it was made."""
+    return {
+        "ss_training_started_at": str(started_at),
+        "ss_output_name": Path(cfg.output).name,
+        "ss_sd_model_name": Path(model_source).name,
+        "ss_learning_rate": str(cfg.lr),
+        "ss_unet_lr": str(cfg.lr),
+        "ss_text_encoder_lr": str(cfg.lr if cfg.train_text_encoders else 0),
+        "ss_max_train_steps": str(cfg.steps),
+        "ss_steps": str(steps),
+        "ss_optimizer": cfg.optim + (" (use_shadow=True)" if cfg.shadow and cfg.optim.startswith("emo") else ""),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.warmup_steps),
+        "ss_seed": str(cfg.seed),
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_noise_offset": str(cfg.noise_offset),
+        "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "emotrain_version": versions().get("emotrain") or "",
+        "emotrain_config": json.dumps(cfg.to_dict(), sort_keys=True),
+    }

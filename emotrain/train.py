@@ -39,8 +39,9 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
         components.update(text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2)
     named = {}
     for prefix, module in components.items():
-        if start is not None:
-            config = lora_files.lora_config_for(start, prefix)
+        config = lora_files.lora_config_for(start, prefix) if start is not None else None
+        if config is not None:
+            pass
         elif prefix == "unet":
             config = unet_lora_config(cfg.rank, cfg.effective_alpha, cfg.effective_conv_rank, cfg.effective_conv_alpha)
         else:
@@ -162,8 +163,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     final = save(step, batches.state_dict(), noise_generator.get_state())
     elapsed = time.perf_counter() - started
     weights = lora_files.lora_weights_from_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None)
-    metadata = lora_files.training_metadata(cfg, steps=step, model_source=sdxl.source)
-    lora_files.save_kohya(output / "lora.safetensors", weights, metadata)
+    metadata = report.training_metadata(cfg, step, sdxl.source, run["started_at"])
+    lora_files.save_kohya(output / "lora.safetensors", weights, metadata, unet_config=sdxl.unet.config)
     lora_files.save_diffusers(output / "pytorch_lora_weights.safetensors", weights, metadata)
     memory = report.memory_report(device, inner_optimizer, params, (sdxl.unet,))
     summary = {**run, "status": "finished", "steps": step, "steps_this_run": step - first_step,
