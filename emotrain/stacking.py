@@ -20,7 +20,7 @@ import torch
 
 from .errors import UserError
 from .lora_files import (
-    COMPONENTS, TEXT_MODEL, LoraModule, LoraWeights, load_lora_file, save_diffusers, save_kohya,
+    COMPONENTS, TEXT_MODEL, LoraModule, LoraWeights, _umask, load_lora_file, save_diffusers, save_kohya,
 )
 
 WeightedLoras = list[tuple[LoraWeights, float]]
@@ -140,6 +140,11 @@ def save_merged_pipeline(model_source: str, loras: WeightedLoras, output_dir, dt
     tmp.mkdir()
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        # safetensors writes 0600 files; a model folder is meant for other tools and users.
+        mode = 0o666 & ~_umask()
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(mode)
         if output_dir.exists():
             output_dir.rmdir()  # empty (checked above); rename cannot replace a directory
         os.replace(tmp, output_dir)

@@ -3,6 +3,8 @@ reproduce what diffusers computes with the LoRAs applied as adapters."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -115,6 +117,9 @@ def test_merged_folder_loads_with_from_pretrained(merged, lora_a, lora_b, files,
     from diffusers import StableDiffusionXLPipeline
     out = save_merged_pipeline("tiny", [(load_lora_file(files["a"]), WA), (lora_b, WB)], tmp_path / "merged")
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert (unet_output(pipe.unet) - unet_output(merged.unet)).abs().max() <= 1e-5
     assert (te_output(pipe.text_encoder_2) - te_output(merged.text_encoder_2)).abs().max() <= 1e-5
