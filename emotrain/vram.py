@@ -9,6 +9,7 @@ apart when an optimizer changes its state layout.
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import re
@@ -206,22 +207,43 @@ def _bnb_init_state(opt) -> None:
 
 def _meta_step(opt) -> None:
     # torch optimizers and transformers' Adafactor allocate their state inside step();
-    # with meta parameters and meta gradients a step is shapes only.
+    # with meta parameters and meta gradients a step is shapes only. Meta kernels run op
+    # by op in Python, and SDXL's ~1,600 LoRA tensors come in a few dozen shapes, so only
+    # the first parameter of each (shape, dtype) in a group is stepped; the others get a
+    # state laid out like it (same keys, shapes, dtypes and devices).
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     if any(p.device.type != "meta" for p in params):
         raise ValueError("planning by a step needs meta-device parameters; this would update real weights")
-    for p in params:
+    saved = [group["params"] for group in opt.param_groups]
+    followers = []
+    for group in opt.param_groups:
+        reps = {}
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            key = (tuple(p.shape), p.dtype)
+            if key in reps:
+                followers.append((p, reps[key]))
+            else:
+                reps[key] = p
+        group["params"] = list(reps.values())
+        if "foreach" in group:  # foreach kernels do not accept meta tensors everywhere
+            group["foreach"] = False
+        if group.get("fused"):
+            group["fused"] = False
+    stepped = [p for group in opt.param_groups for p in group["params"]]
+    for p in stepped:
         p.grad = torch.zeros_like(p)
     try:
-        for group in opt.param_groups:
-            if "foreach" in group:  # foreach kernels do not accept meta tensors everywhere
-                group["foreach"] = False
-            if group.get("fused"):
-                group["fused"] = False
         opt.step()
     finally:
-        for p in params:
+        for group, params_ in zip(opt.param_groups, saved):
+            group["params"] = params_
+        for p in stepped:
             p.grad = None
+    for p, rep in followers:
+        opt.state[p] = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                        for k, v in opt.state[rep].items()}
 
 
 def init_optimizer_state(opt, include_shadow: bool | None = None) -> None:
@@ -320,10 +342,11 @@ def plan(model: str = "sdxl", rank: int = 16, alpha: float | None = None, conv_r
     def state_of(name, s):
         return planned_state_bytes(name, params, shadow=s, args=(optim_args or {}).get(name))
 
-    reference_total = lora_bytes + grad_bytes + base_total + state_of(REFERENCE, False)
+    states = {(name, s): state_of(name, s) for name, s in dict.fromkeys(rows + [(REFERENCE, False)])}
+    reference_total = lora_bytes + grad_bytes + base_total + states[(REFERENCE, False)]
     out_rows = {}
     for name, s in rows:
-        state = state_of(name, s)
+        state = states[(name, s)]
         total = lora_bytes + state + grad_bytes + base_total
         out_rows[row_key(name, s)] = {
             "optimizer": name, "shadow": s, "lora_param_bytes": lora_bytes, "state_bytes": state,

@@ -135,8 +135,8 @@ def test_sdxl_lora_count_matches_the_config_by_hand():
 
 def test_sdxl_planning_is_fast_and_exact():
     started = time.perf_counter()
-    p = vram.plan("sdxl", rank=8, optims="emocats,adamw", shadow="off")
-    assert time.perf_counter() - started < 45  # seconds, on a shared CPU
+    p = vram.plan("sdxl", rank=8)  # every optimizer, shadow off and on
+    assert time.perf_counter() - started < 30  # seconds, on a shared CPU
     assert (p["lora_params"], p["lora_tensors"], p["lora_modules"]) == (24_593_920, 1576, 788)
     assert p["lora_params"] == _expected_sdxl_lora(8, 8)[0]
     # One fp32 state per LoRA weight: EmoCats' exp_avg; AdamW adds exp_avg_sq and a step counter.
