@@ -8,12 +8,14 @@ bucketing, checkpoints, the VRAM planner hook) lives here once.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from . import _native
 from ._emotion import (EmotionState, Emotion, filter_threshold, loss_to_float,
                        shadow_blend_, shadow_ratio)
 
@@ -65,6 +67,7 @@ class EmoOptimizer(torch.optim.Optimizer):
         defaults = dict(defaults, foreach=foreach, fused=fused)
         self.sync_loss = sync_loss
         self._emo = EmotionState()
+        self._fused_warned = False
         super().__init__(params, defaults)
 
     # -- construction -----------------------------------------------------------------
@@ -204,16 +207,26 @@ class EmoOptimizer(torch.optim.Optimizer):
         if foreach is None:
             foreach = not fused
         for (device, dtype), (ps, gs, ss) in buckets.items():
-            if fused and self._fused_supported(device, dtype):
-                self._fused(ps, gs, ss, hp, ratio)
+            if fused and self._fused_ready(device):
+                self._run_list(ps, gs, ss, hp, ratio, dtype, self._fused)
             elif foreach or fused:
                 for lo, hi in _chunks(ps):
-                    self._run_list(ps[lo:hi], gs[lo:hi], ss[lo:hi], hp, ratio, dtype)
+                    self._run_list(ps[lo:hi], gs[lo:hi], ss[lo:hi], hp, ratio, dtype,
+                                   self._foreach)
             else:
                 for p, g, st in zip(ps, gs, ss):
                     self._run_single(p, g, st, hp, ratio)
 
-    def _run_list(self, ps, gs, ss, hp, ratio, dtype) -> None:
+    def _fused_ready(self, device: torch.device) -> bool:
+        if device.type == "cpu" and _native.available():
+            return True
+        if not getattr(self, "_fused_warned", False):
+            self._fused_warned = True
+            why = "no CPU kernel for " + device.type if device.type != "cpu" else _native._error
+            warnings.warn(f"{type(self).__name__}(fused=True): {why}; using the foreach path.")
+        return False
+
+    def _run_list(self, ps, gs, ss, hp, ratio, dtype, kernel) -> None:
         if dtype in _LOW_PRECISION:
             # Update computed in float32 and written back (spec 8).
             work = [p.float() for p in ps]
@@ -222,7 +235,7 @@ class EmoOptimizer(torch.optim.Optimizer):
             work = ps
         if ratio > 0.0:
             self._shadow_list(work, ss, ratio)
-        self._foreach(work, gs, ss, hp)
+        kernel(work, gs, ss, hp)
         if work is not ps:
             torch._foreach_copy_(ps, work)
 
@@ -251,9 +264,6 @@ class EmoOptimizer(torch.optim.Optimizer):
                 shadows.append(sh)
         shadow_blend_(ps, shadows, ratio)
 
-    def _fused_supported(self, device: torch.device, dtype: torch.dtype) -> bool:
-        return False
-
     # -- rule hooks (subclasses) -------------------------------------------------------
     def _init_param_state(self, p: torch.Tensor, st: dict) -> None:
         raise NotImplementedError
@@ -264,7 +274,7 @@ class EmoOptimizer(torch.optim.Optimizer):
     def _foreach(self, ps, gs, ss, hp: StepScalars) -> None:
         raise NotImplementedError
 
-    def _fused(self, ps, gs, ss, hp: StepScalars, ratio: float) -> None:
+    def _fused(self, ps, gs, ss, hp: StepScalars) -> None:
         raise NotImplementedError
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._base import EmoOptimizer, StepScalars, masked_indices
 
 
@@ -78,6 +79,73 @@ def emoairy_vector_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> No
     torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
 
 
+# fused=True: the same rule with one reduction pass and one update pass (see _native.py).
+# A closed filter row/column gets an infinite factor, so its step is g / inf = 0.
+_native.register("emoairy", r"""
+#define EMOAIRY(T, S, SQRT)                                                             \
+void emoairy_vec_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M,   \
+                     const int64_t *V, const int64_t *N, double lr_wd, double step,      \
+                     double b1, double b2, double eps, double thr3) {                    \
+    const T c1 = (T)(1.0 - b1), tb2 = (T)b2, c2 = (T)(1.0 - b2), te = (T)eps;            \
+    const T tt = (T)thr3, ts = (T)step, td = (T)lr_wd;                                   \
+    for (int64_t k = 0; k < n; k++) {                                                    \
+        T *restrict p = (T *)P[k], *restrict m = (T *)M[k], *restrict v = (T *)V[k];      \
+        const T *restrict g = (const T *)G[k];                                           \
+        for (int64_t i = 0, len = N[k]; i < len; i++) {                                  \
+            T gi = g[i];                                                                 \
+            T mi = m[i] + c1 * (gi - m[i]);                                              \
+            T vi = v[i] * tb2 + c2 * gi * gi;                                            \
+            T u = gi * gi > tt ? mi / (SQRT(vi) + te) : (T)0;                            \
+            m[i] = mi;                                                                   \
+            v[i] = vi;                                                                   \
+            p[i] = p[i] - td * p[i] - ts * u;                                            \
+        }                                                                                \
+    }                                                                                    \
+}                                                                                        \
+void emoairy_mat_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *R,   \
+                     const int64_t *C, const int64_t *N, const int64_t *D0,              \
+                     double lr_wd, double step, double b1, double eps, double thr3) {    \
+    const T tb1 = (T)b1, c1 = (T)(1.0 - b1), te = (T)eps;                                \
+    const T tt = (T)thr3, ts = (T)step, td = (T)lr_wd;                                   \
+    for (int64_t k = 0; k < n; k++) {                                                    \
+        T *restrict p = (T *)P[k], *restrict r = (T *)R[k], *restrict c = (T *)C[k];      \
+        const T *restrict g = (const T *)G[k];                                           \
+        const int64_t rows = D0[k], cols = N[k] / D0[k];                                 \
+        double *cs = calloc(cols, sizeof(double));                                       \
+        T *sc = malloc(cols * sizeof(T)), *sr = malloc(rows * sizeof(T));                \
+        for (int64_t i = 0; i < rows; i++) {                                             \
+            const T *gr = g + i * cols;                                                  \
+            double rs = 0;                                                               \
+            for (int64_t j = 0; j < cols; j++) {                                         \
+                double x = (double)(gr[j] * gr[j]);                                      \
+                rs += x;                                                                 \
+                cs[j] += x;                                                              \
+            }                                                                            \
+            T Ri = (T)(rs / cols) + te;                                                  \
+            r[i] = tb1 * r[i] + c1 * SQRT(Ri);                                           \
+            sr[i] = Ri > tt ? SQRT(r[i]) : (T)INFINITY;                                  \
+        }                                                                                \
+        for (int64_t j = 0; j < cols; j++) {                                             \
+            T Cj = (T)(cs[j] / rows) + te;                                               \
+            c[j] = tb1 * c[j] + c1 * SQRT(Cj);                                           \
+            sc[j] = Cj > tt ? SQRT(c[j]) : (T)INFINITY;                                  \
+        }                                                                                \
+        for (int64_t i = 0; i < rows; i++) {                                             \
+            T *pr = p + i * cols, si = sr[i];                                            \
+            const T *gr = g + i * cols;                                                  \
+            for (int64_t j = 0; j < cols; j++)                                           \
+                pr[j] = pr[j] - td * pr[j] - ts * (gr[j] / (si * sc[j] + te));           \
+        }                                                                                \
+        free(cs);                                                                        \
+        free(sc);                                                                        \
+        free(sr);                                                                        \
+    }                                                                                    \
+}
+EMOAIRY(float, f32, sqrtf)
+EMOAIRY(double, f64, sqrt)
+""")
+
+
 class EmoAiry(EmoOptimizer):
     """Adafactor-like member of the Emo family (see shared/spec/emo-family-v2.md, section 5)."""
 
@@ -102,14 +170,28 @@ class EmoAiry(EmoOptimizer):
     def _single(self, p, g, st, hp):
         emoairy_update(p, g, st, hp)
 
-    def _foreach(self, ps, gs, ss, hp):
+    def _foreach(self, ps, gs, ss, hp, fused=False):
         mat = [i for i, p in enumerate(ps) if p.dim() >= 2]
         vec = [i for i, p in enumerate(ps) if p.dim() < 2]
         if mat:
-            emoairy_matrix_foreach([ps[i] for i in mat], [gs[i] for i in mat],
-                                   [ss[i]["exp_avg_r"] for i in mat],
-                                   [ss[i]["exp_avg_c"] for i in mat], hp)
+            lists = ([ps[i] for i in mat], [gs[i] for i in mat],
+                     [ss[i]["exp_avg_r"] for i in mat], [ss[i]["exp_avg_c"] for i in mat])
+            if fused and _native.eligible(*lists):
+                _native.launch("emoairy_mat", ps[0].dtype, list(lists),
+                               [[p.numel() for p in lists[0]], [p.shape[0] for p in lists[0]]],
+                               [hp.lr * hp.wd, hp.step_size, hp.beta1, hp.eps, hp.thr3])
+            else:
+                emoairy_matrix_foreach(*lists, hp)
         if vec:
-            emoairy_vector_foreach([ps[i] for i in vec], [gs[i] for i in vec],
-                                   [ss[i]["exp_avg"] for i in vec],
-                                   [ss[i]["exp_avg_sq"] for i in vec], hp)
+            lists = ([ps[i] for i in vec], [gs[i] for i in vec],
+                     [ss[i]["exp_avg"] for i in vec], [ss[i]["exp_avg_sq"] for i in vec])
+            if fused and _native.eligible(*lists):
+                _native.launch("emoairy_vec", ps[0].dtype, list(lists),
+                               [[p.numel() for p in lists[0]]],
+                               [hp.lr * hp.wd, hp.step_size, hp.beta1, hp.beta2, hp.eps,
+                                hp.thr3])
+            else:
+                emoairy_vector_foreach(*lists, hp)
+
+    def _fused(self, ps, gs, ss, hp):
+        self._foreach(ps, gs, ss, hp, fused=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._base import EmoOptimizer, StepScalars, masked_indices
 
 
@@ -40,6 +41,36 @@ def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     torch._foreach_add_(exp_avgs, gs, alpha=1 - hp.beta2)
 
 
+# fused=True: the same rule in one pass per element (see _native.py).
+_native.register("emocats", r"""
+#define EMOCATS(T, S, ABS)                                                              \
+void emocats_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M,       \
+                 const int64_t *N, double decay, double step, double b1, double b2,      \
+                 double thr3) {                                                          \
+    const T tb1 = (T)b1, c1 = (T)(1.0 - b1), tb2 = (T)b2, c2 = (T)(1.0 - b2);           \
+    const T tt = (T)thr3, ts = (T)step, td = (T)decay;                                   \
+    for (int64_t k = 0; k < n; k++) {                                                    \
+        T *restrict p = (T *)P[k], *restrict m = (T *)M[k];                              \
+        const T *restrict g = (const T *)G[k];                                           \
+        for (int64_t i = 0, len = N[k]; i < len; i++) {                                  \
+            T gi = g[i], mi = m[i];                                                      \
+            T x = tb1 * mi + c1 * gi;                                                    \
+            T c = ABS(gi) >= tt ? (T)((x > 0) - (x < 0)) : (T)0;                         \
+            p[i] = p[i] - td * p[i] - ts * c;                                            \
+            m[i] = tb2 * mi + c2 * gi;                                                   \
+        }                                                                                \
+    }                                                                                    \
+}
+EMOCATS(float, f32, fabsf)
+EMOCATS(double, f64, fabs)
+""")
+
+
+def emocats_fused(ps, gs, exp_avgs, hp: StepScalars) -> None:
+    _native.launch("emocats", ps[0].dtype, [ps, gs, exp_avgs], [[p.numel() for p in ps]],
+                   [_decay(hp), hp.step_size, hp.beta1, hp.beta2, hp.thr3])
+
+
 class EmoCats(EmoOptimizer):
     """Lion-like member of the Emo family (see shared/spec/emo-family-v2.md, section 6)."""
 
@@ -60,3 +91,10 @@ class EmoCats(EmoOptimizer):
 
     def _foreach(self, ps, gs, ss, hp):
         emocats_foreach(ps, gs, [s["exp_avg"] for s in ss], hp)
+
+    def _fused(self, ps, gs, ss, hp):
+        m = [s["exp_avg"] for s in ss]
+        if _native.eligible(ps, gs, m):
+            emocats_fused(ps, gs, m, hp)
+        else:
+            emocats_foreach(ps, gs, m, hp)

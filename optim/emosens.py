@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._base import EmoOptimizer, StepScalars, masked_indices
 
 
@@ -33,6 +34,39 @@ def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
     torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
 
 
+# fused=True: the same rule in one pass per element (see _native.py).
+_native.register("emosens", r"""
+#define EMOSENS(T, S, SQRT, ABS)                                                        \
+void emosens_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M,       \
+                 const int64_t *V, const int64_t *N, double lr_wd, double step,          \
+                 double b1, double b2, double eps, double thr3) {                        \
+    const T c1 = (T)(1.0 - b1), tb2 = (T)b2, c2 = (T)(1.0 - b2), te = (T)eps;            \
+    const T tt = (T)thr3, ts = (T)step, td = (T)lr_wd;                                   \
+    for (int64_t k = 0; k < n; k++) {                                                    \
+        T *restrict p = (T *)P[k], *restrict m = (T *)M[k], *restrict v = (T *)V[k];      \
+        const T *restrict g = (const T *)G[k];                                           \
+        for (int64_t i = 0, len = N[k]; i < len; i++) {                                  \
+            T gi = g[i];                                                                 \
+            T mi = m[i] + c1 * (gi - m[i]);                                              \
+            T vi = v[i] * tb2 + c2 * gi * gi;                                            \
+            T u = ABS(gi) >= tt ? mi / (SQRT(vi) + te) : (T)0;                           \
+            m[i] = mi;                                                                   \
+            v[i] = vi;                                                                   \
+            p[i] = p[i] - td * p[i] - ts * u;                                            \
+        }                                                                                \
+    }                                                                                    \
+}
+EMOSENS(float, f32, sqrtf, fabsf)
+EMOSENS(double, f64, sqrt, fabs)
+""")
+
+
+def emosens_fused(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
+    _native.launch("emosens", ps[0].dtype, [ps, gs, exp_avgs, exp_avg_sqs],
+                   [[p.numel() for p in ps]],
+                   [hp.lr * hp.wd, hp.step_size, hp.beta1, hp.beta2, hp.eps, hp.thr3])
+
+
 class EmoSens(EmoOptimizer):
     """Adam-like member of the Emo family (see shared/spec/emo-family-v2.md, section 4)."""
 
@@ -53,3 +87,10 @@ class EmoSens(EmoOptimizer):
 
     def _foreach(self, ps, gs, ss, hp):
         emosens_foreach(ps, gs, [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss], hp)
+
+    def _fused(self, ps, gs, ss, hp):
+        m, v = [s["exp_avg"] for s in ss], [s["exp_avg_sq"] for s in ss]
+        if _native.eligible(ps, gs, m, v):
+            emosens_fused(ps, gs, m, v, hp)
+        else:
+            emosens_foreach(ps, gs, m, v, hp)

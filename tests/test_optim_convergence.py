@@ -10,6 +10,15 @@ from optim import EmoAiry, EmoCats, EmoSens
 ALL = [EmoSens, EmoAiry, EmoCats]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add contention on a busy 2-core CI box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rosenbrock(xy):
     x, y = xy[0], xy[1]
     return (1 - x) ** 2 + 100 * (y - x * x) ** 2

@@ -141,3 +141,15 @@ def test_oracle_disagrees_with_a_wrong_rule():
     assert abs(oracle_b.p[0][0].item() + 3.16) < 0.01  # would be -1.0 with bias correction
     oracle.p[0] = oracle.p[0] + 2e-6
     assert _max_diff(params, oracle) > 1e-6
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_fused_path_really_runs_the_native_kernels(kind, monkeypatch):
+    from optim import _native
+    if not _native.available():
+        pytest.skip(f"fused kernels unavailable: {_native._error}")
+    calls = []
+    real = _native.launch
+    monkeypatch.setattr(_native, "launch", lambda name, *a: (calls.append(name), real(name, *a)))
+    _run(kind, dict(fused=True), torch.float32, True)
+    assert len(calls) >= STEPS
