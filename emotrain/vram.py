@@ -47,7 +47,7 @@ LAYER_KINDS = (
 )
 TRANSFORMER_KINDS = ("attention", "feed-forward", "transformer proj_in/out")
 # LoRA placements: emotrain's full-layer LoRA, or only the UNet's transformer blocks
-# (kohya's default UNet targets, which the published VRAM figures were measured with).
+# (kohya's default UNet targets; at rank 32 they hold the published "about 85 M").
 TARGETS = ("full", "transformer")
 TRANSFORMER_TARGETS = r"^(.*\.)?(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$"
 
@@ -116,11 +116,9 @@ def meta_sdxl(model: str = "sdxl", rank: int = 16, alpha: float | None = None, c
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig
 
-    from .sdxl import add_lora, load_config, meta_lora_unet, meta_unet, text_encoder_lora_config
+    from .sdxl import add_lora, load_config, meta_lora_unet, meta_unet, resolve_model, text_encoder_lora_config
 
     alpha = float(rank if alpha is None else alpha)
-    from .sdxl import resolve_model
-
     unet_model = model
     if model not in ("sdxl", "tiny") and Path(model).suffix == ".safetensors":
         unet_model = "sdxl"
@@ -586,7 +584,8 @@ def measure(model: str = "tiny", optims="all", steps: int = 3, rank: int = 16, a
         del opt
     return {"model": model, "device": str(device), "steps": steps, "rank": rank, "conv_rank": planned["conv_rank"],
             "mixed_precision": mixed_precision, "lora_params": planned["lora_params"],
-            "planned_total_bytes": {k: v["total_bytes"] for k, v in planned["optimizers"].items()},
+            # measure holds what a training step holds: the UNet, its LoRA, gradients, state
+            "planned_train_step_bytes": {k: v["training_step_bytes"] for k, v in planned["optimizers"].items()},
             "optimizers": results, "peak_rss_bytes": process_peak_rss_bytes()}
 
 
@@ -600,7 +599,7 @@ def format_measure(m: dict) -> str:
     cuda = any(r["cuda"] for r in m["optimizers"].values())
     cols = ["Optimizer", "Planned state B", "Measured state B", "Match", "Shadow buffer"]
     if cuda:
-        cols += ["Planned total MB", "CUDA peak alloc MB", "CUDA peak reserved MB"]
+        cols += ["Planned train step MB (no activations)", "CUDA peak alloc MB", "CUDA peak reserved MB"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("Optimizer", "Shadow buffer", "Match") else "right")
     for key, r in m["optimizers"].items():
@@ -614,7 +613,7 @@ def format_measure(m: dict) -> str:
                  f"{r['measured_state_bytes']:,}", "yes" if r["match"] else "NO", sh]
         if cuda:
             c = r["cuda"] or {}
-            cells += [_mb(m["planned_total_bytes"][key]), _mb(c.get("peak_allocated_bytes", 0)),
+            cells += [_mb(m["planned_train_step_bytes"][key]), _mb(c.get("peak_allocated_bytes", 0)),
                       _mb(c.get("peak_reserved_bytes", 0))]
         table.add_row(*cells)
     return _render(table) + f"Peak RSS of this process: {_mb(m['peak_rss_bytes'])} MB\n"
