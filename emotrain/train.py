@@ -72,11 +72,11 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     output = Path(cfg.output).expanduser()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
-    torch.manual_seed(cfg.seed)
     progress = TrainProgress(cfg.steps, enabled=accelerator.is_local_main_process)
 
     with progress.task("loading model"):
         sdxl = load_sdxl(cfg.model, WEIGHT_DTYPES[cfg.mixed_precision])
+        torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg)
         params = list(named_params.values())
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):

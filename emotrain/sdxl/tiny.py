@@ -97,8 +97,9 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
                 "pad_token_id": tokenizer.pad_token_id, "vocab_size": vocab}
 
     def seeded(offset, make):
-        torch.manual_seed(seed * 1000 + offset)
-        return make()
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays untouched
+            torch.manual_seed(seed * 1000 + offset)
+            return make()
 
     unet = seeded(1, lambda: UNet2DConditionModel.from_config(TINY_UNET))
     vae = seeded(2, lambda: AutoencoderKL.from_config(TINY_VAE))

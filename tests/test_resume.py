@@ -1,0 +1,102 @@
+"""Exact resume: N steps, a stop (end of run, kill -9 or Ctrl-C), N more == 2N straight."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emotrain.checkpoint import find_checkpoint
+from helpers import run_cli, train
+
+
+def lora_tensors(output):
+    return load_file(output / "pytorch_lora_weights.safetensors")
+
+
+def assert_identical(a, b):
+    ta, tb = lora_tensors(a), lora_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs after resume"
+
+
+COMBOS = [(o, s) for o in ("emosens", "emoairy", "emocats") for s in (False, True)]
+
+
+@pytest.mark.parametrize("optim,shadow", COMBOS)
+def test_resume_is_bit_identical(tmp_path, optim, shadow):
+    # 3 steps x 2 micro-batches x batch 2 = 12 of 16 demo images: the stop falls mid-epoch.
+    common = ["--optim", optim, "--shadow" if shadow else "--no-shadow", "--grad-accum", "2",
+              "--optim-args", "weight_decay=0.05"]
+    train(tmp_path / "straight", *common, "--steps", "6")
+    train(tmp_path / "split", *common, "--steps", "3")
+    run_cli("sdxl-lora", "--resume", tmp_path / "split", "--steps", "6")
+    assert_identical(tmp_path / "straight", tmp_path / "split")
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "emotrain", "sdxl-lora", "--model", "tiny", "--data", "demo", "--resolution", "64",
+            "--batch-size", "2", "--rank", "4", "--lr", "1e-3", "--seed", "0", *map(str, args)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_a_hard_stop(tmp_path, sig):
+    common = ["--optim", "emoairy", "--shadow", "--lr-scheduler", "cosine", "--warmup-steps", "2", "--steps", "40"]
+    train(tmp_path / "straight", *common)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(_cli(*common, "--save-every", "2", "--output", out), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be stopped"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    if sig == signal.SIGINT:
+        assert "interrupted at step" in output and "--resume" in output, output
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    latest = find_checkpoint(out)
+    assert latest.name < "step-000040"
+    run_cli("sdxl-lora", "--resume", out)
+    assert_identical(tmp_path / "straight", out)
+
+
+def test_damaged_checkpoint_is_never_latest(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "4", "--save-every", "2")
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+    (ckpts / "step-000004" / "training_state.pt").write_bytes(b"")  # torn write of a file
+    (ckpts / "step-000004" / "checkpoint.json").unlink()  # ...and the marker never written
+    (ckpts / ".tmp-step-000006-x").mkdir()  # a save killed before its rename
+    (ckpts / "step-000008").mkdir()  # an empty folder with a checkpoint's name
+    assert find_checkpoint(out).name == "step-000002"
+
+
+def test_resume_refuses_a_changed_run(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "2", "--optim", "emocats")
+    for args, word in [(["--optim", "emosens"], "--optim"), (["--rank", "8"], "--rank"), (["--model", "tiny:1"], "--model")]:
+        result = run_cli("sdxl-lora", "--resume", out, *args, expect=2)
+        assert word in result.output and "checkpoint" in result.output
+    result = run_cli("sdxl-lora", "--resume", tmp_path / "nothing", expect=2)
+    assert "no complete checkpoint" in result.output
+
+
+def test_keep_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "6", "--save-every", "1", "--keep-checkpoints", "2")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
+
+
+def test_checkpoint_state_loads_without_pickle(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "2", "--optim", "emosens", "--shadow")
+    state = torch.load(find_checkpoint(out) / "training_state.pt", weights_only=True)
+    assert {"optimizer", "lr_scheduler", "noise_generator", "rng"} <= set(state)
