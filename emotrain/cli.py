@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from enum import Enum
@@ -74,7 +75,7 @@ def sdxl_lora(
         gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,
         max_grad_norm=max_grad_norm, seed=seed, train_text_encoders=train_text_encoders, save_every=save_every,
         keep_checkpoints=keep_checkpoints, network_weights=network_weights, base_lora=base_lora)
-    from .run import run_training
+    from .commands import run_training
     try:
         run_training(preset, overrides, resume)
     except UserError as exc:
@@ -89,6 +90,79 @@ def presets():
         table, _ = read_preset(name)
         typer.echo(f"{name:16s} {table.get('optim', '')} shadow={table.get('shadow', False)} "
                    f"rank={table.get('rank', '')} lr={table.get('lr', '')}")
+
+
+class LoraFormat(str, Enum):
+    kohya = "kohya"
+    diffusers = "diffusers"
+
+
+@app.command("vram")
+def vram(
+    model: str = typer.Option("sdxl", help="'sdxl' (SDXL 1.0 base config, no weights needed), 'tiny', or a diffusers folder."),
+    rank: int = typer.Option(16, help="LoRA rank."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (no effect on memory)."),
+    conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions (default: --rank)."),
+    optim: str = typer.Option("all", help="Comma-separated optimizers, or 'all'."),
+    shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow", help="Emo rows with or without the shadow-system."),
+    both: bool = typer.Option(False, "--both", help="Emo rows with and without the shadow-system (the default)."),
+    mixed_precision: Precision = typer.Option(Precision.no, help="Precision of the frozen base weights."),
+    train_text_encoders: bool = typer.Option(False, "--train-text-encoders", help="Count text-encoder LoRAs too."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    measure: bool = typer.Option(False, "--measure", help="Also run real steps per optimizer and compare."),
+    steps: int = typer.Option(3, help="Steps per optimizer with --measure."),
+):
+    """Plan (and optionally measure) memory per optimizer for a LoRA run."""
+    from . import vram as planner
+    shadow_mode = "both" if both or shadow is None else shadow
+    try:
+        if measure:
+            result = planner.measure(model="tiny" if model == "sdxl" and not _has_gpu() else model, optims=optim,
+                                     steps=steps, rank=rank, alpha=alpha, conv_rank=conv_rank, shadow=shadow_mode,
+                                     mixed_precision=mixed_precision.value)
+            typer.echo(json.dumps(result, indent=2) if as_json else planner.format_measure(result))
+            return
+        result = planner.plan(model, rank, alpha, conv_rank, None, optim, shadow_mode, mixed_precision.value,
+                              train_text_encoders)
+        typer.echo(json.dumps(result, indent=2) if as_json else planner.format_table(result))
+    except UserError as exc:
+        _fail(exc)
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+@app.command("merge")
+def merge(
+    lora: List[str] = typer.Option(..., help="LoRA file with an optional weight, FILE[:WEIGHT] (repeatable)."),
+    output: str = typer.Option(..., help="With --model: a folder for the merged model; else the combined LoRA file."),
+    model: Optional[str] = typer.Option(None, help="Bake the LoRAs into this SDXL model (folder, hub id, file, tiny)."),
+    rank: Optional[int] = typer.Option(None, help="Re-factor the combined LoRA to this rank by SVD (default: exact)."),
+    conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions with --rank (default: --rank)."),
+    to: LoraFormat = typer.Option(LoraFormat.kohya, help="Format of a combined LoRA file."),
+):
+    """Stack LoRAs: bake them into a base model, or combine them into one LoRA."""
+    from .commands import run_merge
+    try:
+        typer.echo(run_merge(lora, output, model=model, rank=rank, conv_rank=conv_rank, to=to.value))
+    except UserError as exc:
+        _fail(exc)
+
+
+@app.command("convert")
+def convert(
+    src: str = typer.Argument(..., help="A LoRA file (kohya or diffusers)."),
+    dst: str = typer.Argument(..., help="Where to write it."),
+    to: LoraFormat = typer.Option(..., help="Target format."),
+):
+    """Convert a LoRA between kohya (ComfyUI/A1111) and diffusers formats."""
+    from .commands import run_convert
+    try:
+        typer.echo(run_convert(src, dst, to.value))
+    except UserError as exc:
+        _fail(exc)
 
 
 def main() -> None:

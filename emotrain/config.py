@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .optimizers import NAMES as OPTIMIZERS
+from .stacking import parse_lora_spec
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -141,13 +142,9 @@ def _validate(cfg: TrainConfig, needs_data: bool = True) -> None:
     if cfg.network_weights and not Path(cfg.network_weights).is_file():
         bad("network_weights", f"file {cfg.network_weights} does not exist: pass an existing LoRA .safetensors")
     for spec in cfg.base_lora:
-        path, _, weight = spec.rpartition(":") if ":" in spec else (spec, "", "1")
-        if not Path(path or spec).is_file():
-            bad("base_lora", f"file {path or spec} does not exist: pass FILE.safetensors[:WEIGHT]")
-        try:
-            float(weight or 1)
-        except ValueError:
-            bad("base_lora", f"weight {weight!r} in {spec!r} is not a number: write FILE.safetensors:0.8")
+        path, _ = parse_lora_spec(spec)
+        if not Path(path).expanduser().exists():
+            bad("base_lora", f"file {path} does not exist: pass FILE.safetensors[:WEIGHT]")
 
 
 def preset_names() -> list[str]:

@@ -31,8 +31,8 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     """Bake any base LoRAs into the frozen weights, inject the new LoRA (fresh, or from
     --network-weights) and return the trainable parameters by name."""
     if cfg.base_lora:
-        from .stacking import apply_base_loras, parse_lora_specs
-        apply_base_loras(sdxl.unet, sdxl.text_encoders, parse_lora_specs(cfg.base_lora))
+        from .stacking import apply_base_loras, load_weighted
+        apply_base_loras(sdxl.unet, sdxl.text_encoders, load_weighted(cfg.base_lora, sdxl.unet.config))
     start = lora_files.load_lora_file(cfg.network_weights) if cfg.network_weights else None
     components = {"unet": sdxl.unet}
     if cfg.train_text_encoders:

@@ -1,4 +1,4 @@
-"""From the command line's values to a training run: config, resume, then the loop."""
+"""What each command does, once the command line is parsed."""
 
 from __future__ import annotations
 
@@ -37,3 +37,29 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
         cfg, ckpt = resume_config(resume, overrides)
         return train(cfg, resume=ckpt)
     return train(resolve_config(preset, overrides))
+
+
+def run_merge(loras: list[str], output: str, model: str | None = None, rank: int | None = None,
+              conv_rank: int | None = None, to: str = "kohya") -> str:
+    """With a model: bake the weighted LoRAs into it and write a diffusers SDXL folder.
+    Without: combine them into one LoRA file (exactly, or by SVD to ``rank``)."""
+    from .lora_files import save_lora_file
+    from .stacking import combine, load_weighted, save_merged_pipeline
+
+    if not loras:
+        raise UserError("no LoRA given: pass --lora FILE[:WEIGHT] at least once")
+    weighted = load_weighted(loras)
+    if model:
+        from .sdxl import resolve_model
+        if rank is not None:
+            raise UserError("--rank applies when combining LoRAs into one file, not when merging into a model: drop one")
+        folder = save_merged_pipeline(resolve_model(model), weighted, output)
+        return f"wrote merged SDXL model to {folder} (loads with StableDiffusionXLPipeline.from_pretrained)"
+    combined, report = combine(weighted, rank=rank, conv_rank=conv_rank)
+    path = save_lora_file(output, combined, format=to)
+    return f"wrote {path}: {report.summary()}"
+
+
+def run_convert(src: str, dst: str, to: str) -> str:
+    from .stacking import convert
+    return f"wrote {convert(src, dst, to=to)}"
