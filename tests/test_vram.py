@@ -18,7 +18,7 @@ RANK = 8  # at rank 8 some tiny LoRA tensors pass bitsandbytes' 4096-element 8-b
 ROWS = [(name, s) for name in vram.ALL_OPTIMIZERS for s in ((False, True) if name in EMO else (False,))]
 # Loss seen by the Emo optimizers: the jump on step 2 drives |s| far past 0.1, the
 # shadow buffer's allocation threshold, so shadow-on state reaches its full size.
-LOSSES = (1.0, 11.0, 1.0)
+LOSSES = (1.0, 11.0)
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +55,13 @@ def test_planned_state_equals_state_after_real_steps(tiny_plan, tiny_lora_params
 
 
 def test_measure_runs_real_training_steps():
-    # Every optimizer's real steps are covered above; this is the forward/backward path.
-    m = vram.measure("tiny", optims="emocats", shadow="both", steps=2, rank=RANK, resolution=32)
-    rows = m["optimizers"]
-    assert set(rows) == {"emocats", "emocats-shadow"}
-    assert all(r["match"] for r in rows.values()), rows
-    assert rows["emocats-shadow"]["shadow_allocated_step"] == 2
-    assert rows["emocats"]["shadow_allocated_step"] is None
+    # Every optimizer's real steps are covered above; this is the forward/backward path,
+    # with the loss jump that makes the shadow appear.
+    m = vram.measure("tiny", optims="emocats", shadow="on", steps=2, rank=RANK, resolution=32)
+    row = m["optimizers"]["emocats-shadow"]
+    assert row["match"], row
+    assert row["shadow_allocated_step"] == 2
+    assert len(row["losses"]) == 2 and all(0 < x < 10 for x in row["losses"])
     assert m["peak_rss_bytes"] > 0
     text = vram.format_measure(m)
     assert "allocated at step 2" in text and "NO" not in text
