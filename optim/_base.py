@@ -23,7 +23,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Foreach lists are processed in chunks of about this many elements: it bounds the
 # temporaries of a step to two chunk-sized buffers and keeps each chunk cache-resident
 # across the several passes of an update.
-CHUNK_NUMEL = 1 << 19
+CHUNK_NUMEL = 1 << 18
 EMOTION_KEY = "emotion"  # reserved top-level key of state_dict()
 
 

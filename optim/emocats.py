@@ -28,8 +28,8 @@ def emocats_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
 
 def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     """Same rule on a list; closed filter entries zero the sign."""
-    c = torch._foreach_mul(exp_avgs, hp.beta1)  # the one parameter-sized temporary
-    torch._foreach_add_(c, gs, alpha=1 - hp.beta1)
+    # lerp: one pass instead of mul + add (differs from b1*m + (1-b1)*g only in rounding)
+    c = torch._foreach_lerp(exp_avgs, gs, 1 - hp.beta1)  # the one parameter-sized temporary
     torch._foreach_sign_(c)
     for i in masked_indices(gs, hp.thr3):
         c[i].masked_fill_(gs[i].abs() < hp.thr3, 0.0)
@@ -37,8 +37,7 @@ def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     if decay != 0:
         torch._foreach_add_(ps, ps, alpha=-decay)
     torch._foreach_add_(ps, c, alpha=-hp.step_size)
-    torch._foreach_mul_(exp_avgs, hp.beta2)
-    torch._foreach_add_(exp_avgs, gs, alpha=1 - hp.beta2)
+    torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta2)
 
 
 # fused=True: the same rule in one pass per element (see _native.py).
