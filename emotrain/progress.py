@@ -28,6 +28,8 @@ class TrainProgress:
     @contextmanager
     def task(self, description: str, total: int | None = None):
         """A short phase before training (loading, encoding) with its own bar."""
+        # Transient: once done (or failed) the phase's bar goes, leaving errors on their own line.
+        self._progress.live.transient = True
         with self._progress:
             task = self._progress.add_task(description, total=total, stats="", speed="")
             yield lambda n=1: self._progress.advance(task, n)
@@ -35,6 +37,7 @@ class TrainProgress:
             self._progress.remove_task(task)
 
     def __enter__(self):
+        self._progress.live.transient = False
         self._progress.start()
         self._task = self._progress.add_task("training", total=self.total, stats="", speed="")
         self._started = None

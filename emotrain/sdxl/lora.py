@@ -39,6 +39,8 @@ def unet_lora_config(rank: int, alpha: float, conv_rank: int | None = None,
                      conv_alpha: float | None = None) -> LoraConfig:
     conv_rank = rank if conv_rank is None else conv_rank
     conv_alpha = alpha if conv_alpha is None else conv_alpha
+    if conv_rank == 0:  # kohya's LoRA without conv_dim: linear layers and 1x1 convs only
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=_suffix_regex(UNET_LINEAR), init_lora_weights=True)
     pattern = r"(" + "|".join(UNET_CONV3X3) + r")"
     return LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=UNET_TARGETS, init_lora_weights=True,
