@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -59,25 +58,26 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
-
-
 def memory_report(device: torch.device, optimizer, lora_params, frozen_modules) -> dict:
     """Measured memory: on CUDA the allocator's peaks, split where we can count; on CPU
     the optimizer's allocated state and the process's peak resident set."""
+    from .vram import cuda_memory_report, measure_state_bytes, process_peak_rss_bytes
+
     report = {
         "device": str(device),
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_state_bytes": measure_state_bytes(optimizer),
         "lora_param_bytes": tensor_bytes(lora_params),
         "frozen_weight_bytes": tensor_bytes(p for m in frozen_modules for p in m.parameters() if not p.requires_grad),
-        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "process_peak_rss_bytes": process_peak_rss_bytes(),
     }
-    if device.type == "cuda":
-        report["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        report["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    cuda = cuda_memory_report(device) if device.type == "cuda" else None
+    if cuda:
+        report["cuda_peak_allocated_bytes"] = cuda["peak_allocated_bytes"]
+        report["cuda_peak_reserved_bytes"] = cuda["peak_reserved_bytes"]
+        # LoRA weights and their gradients, optimizer state and frozen weights are counted;
+        # the rest of the peak is activations and workspace.
         known = report["optimizer_state_bytes"] + 2 * report["lora_param_bytes"] + report["frozen_weight_bytes"]
-        report["cuda_activations_bytes_estimate"] = max(0, report["cuda_peak_allocated_bytes"] - known)
+        report["cuda_activations_bytes_estimate"] = max(0, cuda["peak_allocated_bytes"] - known)
     return report
 
 
