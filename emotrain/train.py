@@ -136,7 +136,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                         if not torch.isfinite(loss):
                             where = save(step, data_state, noise_state)
                             raise TrainingStopped(f"loss became {loss.item()} at step {step + 1}: stopped; the last good "
-                                                  f"state is in {where} (try a lower --lr or --mixed-precision bf16)")
+                                                  f"state is checkpoint {where} (--resume {output} continues "
+                                                  "from it; if the run diverged, start again with a lower --lr)")
                         accelerator.backward(loss / cfg.grad_accum)
                     micro_losses.append(loss.detach())
                 mean_loss = torch.stack(micro_losses).mean().item()

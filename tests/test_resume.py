@@ -100,3 +100,13 @@ def test_checkpoint_state_loads_without_pickle(tmp_path):
     train(out, "--steps", "2", "--optim", "emosens", "--shadow")
     state = torch.load(find_checkpoint(out) / "training_state.pt", weights_only=True)
     assert {"optimizer", "lr_scheduler", "noise_generator", "rng"} <= set(state)
+
+
+def test_nan_loss_stops_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = train(out, "--optim", "adamw", "--lr", "1e20", "--max-grad-norm", "0", "--steps", "6", expect=2)
+    assert "loss became nan" in result.output.lower() and "checkpoint" in result.output
+    latest = find_checkpoint(out)
+    assert latest.name == "step-000001"
+    weights = load_file(latest / "trainable.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())

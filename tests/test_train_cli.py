@@ -26,6 +26,13 @@ def test_emo_optimizers_see_the_real_loss(tmp_path, optim, shadow):
         short, long = 0.3 * loss + 0.7 * short, 0.01 * loss + 0.99 * long
         assert got == pytest.approx(torch.tanh(torch.tensor(5 * (short - long), dtype=torch.float64)).item(), abs=1e-9)
     assert run["config"]["optim"] == optim and run["config"]["shadow"] is shadow
+    # The planner's figure for this LoRA is what the real loop allocated.
+    from emotrain.vram import plan
+    state = torch.load(out / "checkpoints" / "step-000008" / "training_state.pt", weights_only=True)["optimizer"]
+    has_shadow = any("shadow" in st for st in state["state"].values())
+    assert has_shadow == shadow  # |s| passed 0.1 within 8 steps, so the shadow exists
+    planned = plan("tiny", rank=4, optims=optim, shadow=shadow)["optimizers"][optim + ("-shadow" if shadow else "")]
+    assert run["memory"]["optimizer_state_bytes"] == planned["state_bytes"]
 
 
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit", "adafactor", "lion", "torch.optim.SGD"])
