@@ -8,6 +8,7 @@ bucketing, checkpoints, the VRAM planner hook) lives here once.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Foreach lists are processed in chunks of about this many elements: it bounds the
 # temporaries of a step to two chunk-sized buffers and keeps each chunk cache-resident
 # across the several passes of an update.
-CHUNK_NUMEL = 1 << 18
+CHUNK_NUMEL = 1 << 16
 EMOTION_KEY = "emotion"  # reserved top-level key of state_dict()
 
 
@@ -290,15 +291,21 @@ def _chunks(ps: list[torch.Tensor]):
 
 
 def masked_indices(gs: list[torch.Tensor], limit: float, strict_square: bool = False) -> list[int]:
-    """Indices of tensors holding at least one element the filter closes.
+    """Indices of tensors that may hold an element the filter closes (a superset).
 
-    The filter almost never closes (it needs |g| below ~1e-12), so the fast paths check
-    the smallest |g| of every tensor in one read pass and mask only where needed.
-    ``strict_square``: the element passes only when g*g > limit (EmoAiry vectors),
-    otherwise when |g| >= limit.
+    The filter almost never closes (it needs |g| below ~1e-12), so the fast paths look
+    for such tensors first and mask only those, exactly. ``strict_square``: an element
+    passes only when g*g > limit (EmoAiry vectors), otherwise when |g| >= limit.
+    The smallest |g| of each tensor is read as the largest 1/|g|: torch's min-norm
+    (ord=-inf) is some 20x slower on the CPU than abs + reciprocal + max.
     """
     if not gs:
         return []
-    mins = torch.stack(torch._foreach_norm(gs, float("-inf")))
-    closed = (mins * mins <= limit) if strict_square else (mins < limit)
-    return closed.nonzero().flatten().tolist()
+    edge = math.sqrt(limit) if strict_square else limit
+    inv = torch._foreach_abs(gs)
+    torch._foreach_reciprocal_(inv)
+    top = torch.stack(torch._foreach_max(inv))
+    del inv
+    # the margin covers the rounding of 1/|g| and of g*g: borderline tensors get the
+    # exact test, never skip it
+    return (top >= (1.0 / edge) * (1 - 1e-6)).nonzero().flatten().tolist()

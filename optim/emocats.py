@@ -54,7 +54,8 @@ void emocats_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M
         for (int64_t i = 0, len = N[k]; i < len; i++) {                                  \
             T gi = g[i], mi = m[i];                                                      \
             T x = tb1 * mi + c1 * gi;                                                    \
-            T c = ABS(gi) >= tt ? (T)((x > 0) - (x < 0)) : (T)0;                         \
+            T c = x > 0 ? (T)1 : (x < 0 ? (T)-1 : (T)0);                                 \
+            c = ABS(gi) >= tt ? c : (T)0;                                                \
             p[i] = p[i] - td * p[i] - ts * c;                                            \
             m[i] = tb2 * mi + c2 * gi;                                                   \
         }                                                                                \
