@@ -49,7 +49,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
-                    data_state: dict, noise_generator: torch.Generator, config: dict, info: dict,
+                    data_state: dict, noise_state: torch.Tensor, config: dict, info: dict,
                     keep: int | None = None) -> Path:
     """Write ``folder/step-NNNNNN`` atomically; then keep only the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, l
         save_file({k: v.detach().cpu().contiguous() for k, v in named_params.items()}, tmp / FILES[0])
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "noise_generator": noise_generator.get_state(), "rng": rng_state()}, tmp / FILES[1])
+                    "noise_generator": noise_state, "rng": rng_state()}, tmp / FILES[1])
         meta = {"format": FORMAT, "step": step, "data": data_state, "config": config, **info}
         (tmp / FILES[2]).write_text(json.dumps(meta, indent=2))
         for f in tmp.iterdir():  # on disk before the rename makes the folder visible

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .checkpoint import find_checkpoint, read_meta
+from pathlib import Path
+
+from .checkpoint import find_checkpoint, list_checkpoints, read_meta
 from .config import config_from_dict, resolve_config
 from .errors import UserError
 
@@ -36,7 +38,12 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
             raise UserError("--preset and --resume together: a resumed run takes its config from the checkpoint")
         cfg, ckpt = resume_config(resume, overrides)
         return train(cfg, resume=ckpt)
-    return train(resolve_config(preset, overrides))
+    cfg = resolve_config(preset, overrides)
+    existing = list_checkpoints(Path(cfg.output).expanduser() / "checkpoints")
+    if existing:  # a new run there would mix with (and prune) another run's checkpoints
+        raise UserError(f"{cfg.output} already holds a run (checkpoint {existing[-1].name}): continue it with "
+                        f"--resume {cfg.output}, or pass another --output")
+    return train(cfg)
 
 
 def run_merge(loras: list[str], output: str, model: str | None = None, rank: int | None = None,

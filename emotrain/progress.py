@@ -13,14 +13,14 @@ SMOOTHING = 0.9  # loss shown as an exponential moving average, as kohya does
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, enabled: bool = True, console: Console | None = None):
-        self.console = console or Console(stderr=True, quiet=not enabled)
+    def __init__(self, total_steps: int, console: Console | None = None):
+        self.console = console or Console(stderr=True)
         self.total = total_steps
         self.smoothed = None
         self._progress = Progress(
             SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"), TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not enabled)
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
         self._task = None
         self._started = None
         self._first_step = 0
@@ -35,6 +35,11 @@ class TrainProgress:
             yield lambda n=1: self._progress.advance(task, n)
             self._progress.update(task, completed=total or 1, total=total or 1)
             self._progress.remove_task(task)
+
+    def enabled(self, on: bool) -> None:
+        """Only one process of a multi-GPU run draws the bar."""
+        self.console.quiet = not on
+        self._progress.disable = not on
 
     def __enter__(self):
         self._progress.live.transient = False

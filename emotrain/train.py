@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,27 @@ class TrainingStopped(UserError):
     """The run stopped early (interrupt, NaN loss); a checkpoint was saved."""
 
 
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    """Everything a step touches, and everything a checkpoint must hold."""
+    cfg: TrainConfig
+    accelerator: Accelerator
+    sdxl: object
+    models: list  # the trained models, as accelerate wrapped them
+    named_params: dict[str, torch.nn.Parameter]
+    encoded: list
+    optimizer: object  # accelerate's wrapper; .optimizer is ours
+    lr_scheduler: object
+    batches: Batches
+    noise: torch.Generator
+    step: int = 0
+    info: dict = field(default_factory=dict)
+
+
 def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     """Bake any base LoRAs into the frozen weights, inject the new LoRA (fresh, or from
     --network-weights) and return the trainable parameters by name."""
@@ -40,11 +61,9 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     named = {}
     for prefix, module in components.items():
         config = lora_files.lora_config_for(start, prefix) if start is not None else None
-        if config is not None:
-            pass
-        elif prefix == "unet":
+        if config is None and prefix == "unet":
             config = unet_lora_config(cfg.rank, cfg.effective_alpha, cfg.effective_conv_rank, cfg.effective_conv_alpha)
-        else:
+        elif config is None:
             config = text_encoder_lora_config(cfg.rank, cfg.effective_alpha)
         add_lora(module, config)
         named.update({f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
@@ -58,123 +77,145 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def step_loss(sdxl, unet, batch, cfg: TrainConfig, noise_generator) -> torch.Tensor:
-    """The loss of one micro-batch."""
-    if "prompt_embeds" in batch:
-        embeds, pooled = batch["prompt_embeds"], batch["pooled"]
-    else:
-        embeds, pooled = encode_prompts(sdxl, batch["captions"], batch["latents"].device)
-    return denoising_loss(unet, sdxl.noise_scheduler, batch["latents"], embeds, pooled, batch["time_ids"],
-                          noise_generator, cfg.noise_offset, cfg.min_snr_gamma)
-
-
-def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
-    output = Path(cfg.output).expanduser()
+def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> Run:
+    """Model with LoRA, encoded data, optimizer and schedule; restored if resuming."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
-    progress = TrainProgress(cfg.steps, enabled=accelerator.is_local_main_process)
-
     with progress.task("loading model"):
         sdxl = load_sdxl(cfg.model, WEIGHT_DTYPES[cfg.mixed_precision])
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg)
-        params = list(named_params.values())
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
     examples = scan_folder(resolve_data(cfg.data))
     with progress.task("encoding images", total=len(set(examples))) as advance:
         encoded = encode_examples(sdxl, examples, cfg.resolution, device, cfg.seed,
                                   cache_text=not cfg.train_text_encoders, progress=advance)
-    if not cfg.train_text_encoders:  # no longer needed: free their memory
+    sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
+    if not cfg.train_text_encoders:
         sdxl.text_encoder.to("meta"), sdxl.text_encoder_2.to("meta")
-    sdxl.vae.to("meta")
 
+    params = list(named_params.values())
     optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.steps)
     unet, optimizer = accelerator.prepare(sdxl.unet, optimizer)
-    inner_optimizer = optimizer.optimizer
-    batches = Batches(len(encoded), cfg.batch_size, cfg.seed)
-    noise_generator = torch.Generator().manual_seed(cfg.seed)
-    step = 0
+    models = [unet]
+    if cfg.train_text_encoders:  # wrapped too, so their gradients are synchronised across GPUs
+        sdxl.text_encoder, sdxl.text_encoder_2 = accelerator.prepare(sdxl.text_encoder, sdxl.text_encoder_2)
+        models += [sdxl.text_encoder, sdxl.text_encoder_2]
+    run = Run(cfg, accelerator, sdxl, models, named_params, encoded, optimizer, lr_scheduler,
+              Batches(len(encoded), cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed))
+    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(examples),
+                "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
+                "resumed_from": str(resume) if resume else None}
     if resume is not None:
-        meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=inner_optimizer,
+        meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=optimizer.optimizer,
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
-                                             noise_generator=noise_generator)
-        step = meta["step"]
-        batches = Batches(len(encoded), cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
-        progress.console.print(f"resumed from {resume} at step {step}")
-    run = {"config": cfg.to_dict(), "model_source": sdxl.source, "versions": report.versions(),
-           "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
-           "examples": len(examples), "started_at": time.time(), "resumed_from": str(resume) if resume else None}
-    report.write_json(output / "run.json", {**run, "status": "running"})
+                                             noise_generator=run.noise)
+        run.step = meta["step"]
+        run.batches = Batches(len(encoded), cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
+        progress.console.print(f"resumed from {resume} at step {run.step}")
+    return run
 
-    def save(at_step, data_state, noise_state):
-        current = noise_generator.get_state()
-        noise_generator.set_state(noise_state)
-        try:
-            return checkpoint.save_checkpoint(
-                output / "checkpoints", step=at_step, named_params=named_params, optimizer=inner_optimizer,
-                lr_scheduler=lr_scheduler, scaler=accelerator.scaler, data_state=data_state,
-                noise_generator=noise_generator, config=cfg.to_dict(), info={"versions": run["versions"]},
-                keep=cfg.keep_checkpoints)
-        finally:
-            noise_generator.set_state(current)
 
-    losses, emotion, started, first_step = [], [], time.perf_counter(), step
+def micro_batch_loss(run: Run) -> torch.Tensor:
+    batch = collate([run.encoded[i] for i in run.batches.next()], run.accelerator.device)
+    if "prompt_embeds" in batch:
+        embeds, pooled = batch["prompt_embeds"], batch["pooled"]
+    else:
+        embeds, pooled = encode_prompts(run.sdxl, batch["captions"], batch["latents"].device)
+    return denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch["latents"], embeds, pooled,
+                          batch["time_ids"], run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma)
+
+
+def optimizer_step(run: Run) -> float:
+    """Accumulate gradients over the micro-batches, then one optimizer step; returns the
+    step's loss (the mean over micro-batches), which the Emo family also receives."""
+    cfg, accelerator = run.cfg, run.accelerator
+    losses = []
+    for micro in range(cfg.grad_accum):
+        with ExitStack() as context:
+            if micro < cfg.grad_accum - 1:  # gradients are synchronised once, on the last one
+                for model in run.models:
+                    context.enter_context(accelerator.no_sync(model))
+            context.enter_context(accelerator.autocast())
+            loss = micro_batch_loss(run)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(loss.item())
+            accelerator.backward(loss / cfg.grad_accum)
+        losses.append(loss.detach())
+    step_loss = torch.stack(losses).mean().item()
+    if cfg.max_grad_norm:
+        accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm)
+    # Through accelerate (and its GradScaler) only a closure reaches the optimizer.
+    run.optimizer.step(lambda: step_loss)
+    if not accelerator.optimizer_step_was_skipped:
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def save(run: Run, data_state: dict | None = None, noise_state: torch.Tensor | None = None) -> Path:
+    """A checkpoint of the run after ``run.step`` steps (by default: where it is now)."""
+    return checkpoint.save_checkpoint(
+        Path(run.cfg.output).expanduser() / "checkpoints", step=run.step, named_params=run.named_params,
+        optimizer=run.optimizer.optimizer, lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
+        data_state=data_state or run.batches.state_dict(), noise_state=run.noise.get_state() if noise_state is None else noise_state,
+        config=run.cfg.to_dict(), info={"versions": run.info["versions"]}, keep=run.cfg.keep_checkpoints)
+
+
+def save_lora(run: Run, output: Path) -> dict:
+    cfg, sdxl = run.cfg, run.sdxl
+    text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
+    weights = lora_files.lora_weights_from_model(sdxl.unet, text_encoders)
+    metadata = report.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
+    files = {"kohya": output / "lora.safetensors", "diffusers": output / "pytorch_lora_weights.safetensors"}
+    lora_files.save_kohya(files["kohya"], weights, metadata, unet_config=sdxl.unet.config)
+    lora_files.save_diffusers(files["diffusers"], weights, metadata)
+    return {k: str(v) for k, v in files.items()}
+
+
+def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
+    output = Path(cfg.output).expanduser()
+    progress = TrainProgress(cfg.steps)
+    run = prepare(cfg, resume, progress)
+    progress.enabled(run.accelerator.is_local_main_process)
+    optimizer = run.optimizer.optimizer
+    run.info.update(config=cfg.to_dict(), started_at=time.time())
+    report.write_json(output / "run.json", {**run.info, "status": "running"})
+
+    losses, emotion, first_step, started = [], [], run.step, time.perf_counter()
     with progress:
-        while step < cfg.steps:
-            # Where this step starts from: a stop inside the step resumes from here.
-            data_state, noise_state = batches.state_dict(), noise_generator.get_state()
+        while run.step < cfg.steps:
+            # Where this step starts: a stop inside it resumes from here.
+            data_state, noise_state = run.batches.state_dict(), run.noise.get_state()
             try:
-                micro_losses = []
-                for micro in range(cfg.grad_accum):
-                    last = micro == cfg.grad_accum - 1
-                    batch = collate([encoded[i] for i in batches.next()], device)
-                    with (nullcontext() if last else accelerator.no_sync(unet)), accelerator.autocast():
-                        loss = step_loss(sdxl, unet, batch, cfg, noise_generator)
-                        if not torch.isfinite(loss):
-                            where = save(step, data_state, noise_state)
-                            raise TrainingStopped(f"loss became {loss.item()} at step {step + 1}: stopped; the last good "
-                                                  f"state is checkpoint {where} (--resume {output} continues "
-                                                  "from it; if the run diverged, start again with a lower --lr)")
-                        accelerator.backward(loss / cfg.grad_accum)
-                    micro_losses.append(loss.detach())
-                mean_loss = torch.stack(micro_losses).mean().item()
-                if cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                # Through accelerate (and its GradScaler) only a closure reaches the optimizer;
-                # the Emo family reads the step's loss from it.
-                optimizer.step(lambda: mean_loss)
-                if not accelerator.optimizer_step_was_skipped:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            except KeyboardInterrupt:
-                where = save(step, data_state, noise_state)
-                raise TrainingStopped(f"interrupted at step {step}; resume with: emotrain sdxl-lora --resume {output}"
-                                      f"  (checkpoint {where})") from None
-            step += 1
-            losses.append(mean_loss)
-            s = inner_optimizer.emotion.s if takes_loss(inner_optimizer) else None
-            emotion.append(s)
-            progress.update(step, mean_loss, s, lr_scheduler.get_last_lr()[0])
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save(step, batches.state_dict(), noise_generator.get_state())
+                loss = optimizer_step(run)
+            except (KeyboardInterrupt, NonFiniteLoss) as stop:
+                where = save(run, data_state, noise_state)
+                if isinstance(stop, KeyboardInterrupt):
+                    raise TrainingStopped(f"interrupted at step {run.step}; checkpoint {where}; "
+                                          f"continue with: emotrain sdxl-lora --resume {output}") from None
+                raise TrainingStopped(f"loss became {stop.args[0]} at step {run.step + 1}: stopped; the last good "
+                                      f"state is checkpoint {where} (--resume {output} continues from it; "
+                                      "if the run diverged, start again with a lower --lr)") from None
+            run.step += 1
+            losses.append(loss)
+            emotion.append(optimizer.emotion.s if takes_loss(optimizer) else None)
+            progress.update(run.step, loss, emotion[-1], run.lr_scheduler.get_last_lr()[0])
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+                save(run)
 
-    final = save(step, batches.state_dict(), noise_generator.get_state())
     elapsed = time.perf_counter() - started
-    weights = lora_files.lora_weights_from_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None)
-    metadata = report.training_metadata(cfg, step, sdxl.source, run["started_at"])
-    lora_files.save_kohya(output / "lora.safetensors", weights, metadata, unet_config=sdxl.unet.config)
-    lora_files.save_diffusers(output / "pytorch_lora_weights.safetensors", weights, metadata)
-    memory = report.memory_report(device, inner_optimizer, params, (sdxl.unet,))
-    summary = {**run, "status": "finished", "steps": step, "steps_this_run": step - first_step,
-               "seconds": elapsed, "steps_per_second": (step - first_step) / elapsed if elapsed else None,
+    final = save(run)
+    summary = {**run.info, "status": "finished", "steps": run.step, "steps_this_run": run.step - first_step,
+               "seconds": elapsed, "steps_per_second": (run.step - first_step) / elapsed if elapsed else None,
                "losses": losses, "emotion_scalar": emotion, "final_loss": losses[-1] if losses else None,
-               "should_stop": bool(inner_optimizer.emotion.should_stop) if takes_loss(inner_optimizer) else None,
-               "checkpoint": str(final), "memory": memory,
-               "files": {"kohya": str(output / "lora.safetensors"),
-                         "diffusers": str(output / "pytorch_lora_weights.safetensors")}}
+               "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
+               "checkpoint": str(final), "files": save_lora(run, output),
+               "memory": report.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
+                                              [run.sdxl.unet])}
     report.write_json(output / "run.json", summary)
     progress.summary(summary)
     return summary

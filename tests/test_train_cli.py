@@ -141,3 +141,12 @@ def test_missing_model_is_refused():
     with pytest.raises(UserError, match="not found"):
         from emotrain.sdxl import resolve_model
         resolve_model("/no/such/model/dir")
+
+
+def test_a_new_run_never_overwrites_another(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--steps", "1")
+    before = (out / "lora.safetensors").read_bytes()
+    result = train(out, "--steps", "2", "--optim", "emosens", expect=2)
+    assert "already holds a run" in result.output and "--resume" in result.output
+    assert (out / "lora.safetensors").read_bytes() == before
