@@ -87,7 +87,10 @@ def build(params, lr):
     from transformers.optimization import Adafactor
     add("transformers Adafactor", lambda: Adafactor(params, lr=lr, scale_parameter=False,
                                                     relative_step=False, warmup_init=False))
+    n = len(entries)
     add("bnb Lion(optim_bits=32)", lambda: bnb.optim.Lion(params, lr=lr, optim_bits=32))
+    if len(entries) == n:
+        add("torch Lion (foreach, minimal)", lambda: TorchLion(params, lr=lr))
     for cls in (EmoSens, EmoAiry, EmoCats):
         n = cls.__name__
         add(f"{n} shadow off", lambda c=cls: c(params, lr=lr), emo=True)

@@ -44,9 +44,11 @@ def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
     del sq
     torch._foreach_add_(R, hp.eps)
     torch._foreach_add_(C, hp.eps)
-    # The "+ eps" keeps these filters open in practice (spec 11); check cheaply.
-    closed = set(masked_indices(R, hp.thr3 * (1 + 1e-6))) | set(
-        masked_indices(C, hp.thr3 * (1 + 1e-6)))
+    # R, C >= eps: with the usual eps > threshold ** 3 every filter is open (spec 11).
+    closed = set()
+    if hp.eps <= hp.thr3 * (1 + 1e-6):
+        closed = set(masked_indices(R, hp.thr3 * (1 + 1e-6))) | set(
+            masked_indices(C, hp.thr3 * (1 + 1e-6)))
     gates = {i: (_open_filter([R[i]], hp.thr3)[0], _open_filter([C[i]], hp.thr3)[0])
              for i in closed}
     torch._foreach_sqrt_(R)
