@@ -444,3 +444,17 @@ def test_package_imports_torch_only():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{f.name} imports {name}"
+
+
+def test_deepcopy_keeps_the_emotion_state():
+    import copy
+    p = _params()
+    opt = EmoSens(p, sync_loss=False)
+    for t in range(3):
+        _set_grads(p, t)
+        opt.step(loss=_loss(t))
+    twin = copy.deepcopy(opt)
+    assert twin.emotion == opt.emotion and twin.sync_loss is False
+    _set_grads(p, 3)
+    opt.step(loss=0.1)
+    assert twin.emotion != opt.emotion

@@ -153,3 +153,30 @@ def test_fused_path_really_runs_the_native_kernels(kind, monkeypatch):
     monkeypatch.setattr(_native, "launch", lambda name, *a: (calls.append(name), real(name, *a)))
     _run(kind, dict(fused=True), torch.float32, True)
     assert len(calls) >= STEPS
+
+
+@pytest.mark.parametrize("path", _paths(), ids=["foreach", "plain", "fused"])
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_parity_channels_last_conv(kind, path):
+    # Non-contiguous layouts: the fused path falls back, the others work in place.
+    gen = torch.Generator().manual_seed(3)
+    init = [torch.randn(6, 4, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)]
+    oracle = Oracle(kind, init, use_shadow=True)
+    params = [torch.nn.Parameter(init[0].clone(memory_format=torch.channels_last))]
+    opt = CLASSES[kind](params, use_shadow=True, **path)
+    for L in LOSSES[:30]:
+        g = torch.randn(6, 4, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+        params[0].grad = g
+        opt.step(loss=L)
+        oracle.step([g], loss=L)
+    assert params[0].is_contiguous(memory_format=torch.channels_last)
+    assert _max_diff(params, oracle) <= 1e-6
+
+
+def test_fused_without_compiler_warns_once_and_falls_back(monkeypatch):
+    from optim import _native
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_error", "no C compiler found")
+    with pytest.warns(UserWarning, match="no C compiler found"):
+        params, oracle, _ = _run("emosens", dict(fused=True), torch.float32, False)
+    assert _max_diff(params, oracle) <= 1e-6
