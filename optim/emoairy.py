@@ -69,12 +69,13 @@ def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
 
 
 def emoairy_vector_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
+    closed = masked_indices(gs, hp.thr3, strict_square=True)  # before denom: one temporary
     torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
     torch._foreach_mul_(exp_avg_sqs, hp.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, hp.eps)
-    for i in masked_indices(gs, hp.thr3, strict_square=True):
+    for i in closed:
         denom[i].masked_fill_(gs[i] * gs[i] <= hp.thr3, float("inf"))
     if hp.wd != 0:
         torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats

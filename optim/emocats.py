@@ -29,9 +29,10 @@ def emocats_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
 def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     """Same rule on a list; closed filter entries zero the sign."""
     # lerp: one pass instead of mul + add (differs from b1*m + (1-b1)*g only in rounding)
+    closed = masked_indices(gs, hp.thr3)  # before c: one temporary at a time
     c = torch._foreach_lerp(exp_avgs, gs, 1 - hp.beta1)  # the one parameter-sized temporary
     torch._foreach_sign_(c)
-    for i in masked_indices(gs, hp.thr3):
+    for i in closed:
         c[i].masked_fill_(gs[i].abs() < hp.thr3, 0.0)
     decay = _decay(hp)
     if decay != 0:

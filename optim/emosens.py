@@ -22,12 +22,13 @@ def emosens_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
 
 def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
     """Same rule on a list; the filter is folded into the denominator (1/inf = 0)."""
+    closed = masked_indices(gs, hp.thr3)  # before denom: one temporary at a time
     torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
     torch._foreach_mul_(exp_avg_sqs, hp.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)  # the one parameter-sized temporary
     torch._foreach_add_(denom, hp.eps)
-    for i in masked_indices(gs, hp.thr3):
+    for i in closed:
         denom[i].masked_fill_(gs[i].abs() < hp.thr3, float("inf"))
     if hp.wd != 0:
         torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
