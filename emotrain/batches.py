@@ -21,7 +21,7 @@ class Encoded:
 
 @torch.no_grad()
 def encode_examples(sdxl, examples: list[Example], resolution: int, device, seed: int,
-                    cache_text: bool, progress=None) -> list[Encoded]:
+                    cache_text: bool, bucket: bool = True, progress=None) -> list[Encoded]:
     """Encode every distinct image once (repeats share it), like sd-scripts' latent cache:
     the VAE and, when frozen, the text encoders never run inside the loop."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -30,11 +30,11 @@ def encode_examples(sdxl, examples: list[Example], resolution: int, device, seed
     for example in examples:
         key = (example.image, example.caption)
         if key not in done:
-            pixels, original, crop = load_image(example.image, resolution)
+            pixels, original, crop, target = load_image(example.image, resolution, bucket)
             noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             latents = encode_images(sdxl.vae, pixels[None].to(device),
                                     torch.Generator(device=device).manual_seed(noise_seed))[0].cpu()
-            enc = Encoded(latents, time_ids(original, crop, (resolution, resolution)), example.caption)
+            enc = Encoded(latents, time_ids(original, crop, target), example.caption)
             if cache_text:
                 embeds, pooled = encode_prompts(sdxl, [example.caption], device)
                 enc.prompt_embeds, enc.pooled = embeds[0].float().cpu(), pooled[0].float().cpu()
@@ -46,29 +46,36 @@ def encode_examples(sdxl, examples: list[Example], resolution: int, device, seed
 
 
 class Batches:
-    """An endless sequence of batches: each epoch a fresh permutation drawn from
+    """An endless sequence of batches. Each batch holds examples of one size (one aspect
+    bucket); each epoch shuffles within buckets and then the order of the batches, from
     (seed, epoch) alone, so the order after a resume is the order without one."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int = 0, position: int = 0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
+    def __init__(self, sizes: list[tuple], batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+        self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
         self.epoch, self.position = epoch, position
-        self._order = self._permutation(epoch)
+        self._batches = self._epoch(epoch)
 
-    def _permutation(self, epoch: int) -> list[int]:
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        by_size: dict[tuple, list[int]] = {}
+        for i, size in enumerate(self.sizes):
+            by_size.setdefault(tuple(size), []).append(i)
+        batches = []
+        for size in sorted(by_size):
+            members = by_size[size]
+            order = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+            batches += [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
 
     def next(self) -> list[int]:
-        batch = []
-        while len(batch) < self.batch_size:
-            if self.position == self.size:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            batch.append(self._order[self.position])
-            self.position += 1
-        return batch
+        if self.position == len(self._batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._batches = self._epoch(self.epoch)
+        self.position += 1
+        return self._batches[self.position - 1]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
 
 def collate(items: list[Encoded], device) -> dict:

@@ -52,7 +52,8 @@ def sdxl_lora(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None),
     grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    resolution: Optional[int] = typer.Option(None, help="Square training resolution in pixels."),
+    resolution: Optional[int] = typer.Option(None, help="Training resolution: buckets hold at most resolution^2 pixels."),
+    bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="Aspect-ratio buckets (default) or square centre crops."),
     mixed_precision: Optional[Precision] = typer.Option(None),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     min_snr_gamma: Optional[float] = typer.Option(None),
@@ -71,7 +72,7 @@ def sdxl_lora(
         model=model, data=data, output=output, optim=optim, shadow=shadow, optim_args=_split(optim_args),
         rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, lr=lr, lr_scheduler=lr_scheduler,
         warmup_steps=warmup_steps, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-        resolution=resolution, mixed_precision=mixed_precision.value if mixed_precision else None,
+        resolution=resolution, bucket=bucket, mixed_precision=mixed_precision.value if mixed_precision else None,
         gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,
         max_grad_norm=max_grad_norm, seed=seed, train_text_encoders=train_text_encoders, save_every=save_every,
         keep_checkpoints=keep_checkpoints, network_weights=network_weights, base_lora=base_lora)
@@ -117,7 +118,10 @@ def vram(
     shadow_mode = "both" if both or shadow is None else shadow
     try:
         if measure:
-            result = planner.measure(model="tiny" if model == "sdxl" and not _has_gpu() else model, optims=optim,
+            if model == "sdxl" and not _has_gpu():
+                typer.echo("no GPU: measuring on the tiny model (on a GPU, --model sdxl measures real-size SDXL)", err=True)
+                model = "tiny"
+            result = planner.measure(model=model, optims=optim,
                                      steps=steps, rank=rank, alpha=alpha, conv_rank=conv_rank, shadow=shadow_mode,
                                      mixed_precision=mixed_precision.value)
             typer.echo(json.dumps(result, indent=2) if as_json else planner.format_measure(result))

@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     resolution: int = 1024
+    bucket: bool = True  # aspect-ratio buckets; False: centre-crop every image to a square
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = None
@@ -119,8 +120,8 @@ def _validate(cfg: TrainConfig, needs_data: bool = True) -> None:
             bad(key, f"must be at least 1, got {getattr(cfg, key)}")
     if cfg.conv_rank is not None and cfg.conv_rank < 0:
         bad("conv_rank", "must be 0 (no 3x3 conv LoRA) or more")
-    if cfg.resolution % 8:
-        bad("resolution", f"must be a multiple of 8 (the VAE's scale), got {cfg.resolution}")
+    if cfg.resolution % 32 or cfg.resolution < 64:
+        bad("resolution", f"must be a multiple of 32 and at least 64 (the VAE and UNet scales), got {cfg.resolution}")
     for key in ("alpha", "conv_alpha"):
         if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
             bad(key, f"must be positive, got {getattr(cfg, key)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -49,22 +50,45 @@ def scan_folder(folder: str | Path) -> list[Example]:
     return examples
 
 
-def load_image(path: Path, resolution: int):
-    """-> (tensor in [-1, 1], original (h, w), crop top-left (y, x)) after resizing the
-    short side to ``resolution`` and a centre crop, the conditioning SDXL was trained with."""
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets as sd-scripts makes them: (width, height) in steps of 64 px
+    (32 below 512 px), sides from half to twice ``resolution``, area at most resolution^2."""
+    step = 64 if resolution >= 512 else 32
+    low, high = max(step, resolution // 2 // step * step), resolution * 2
+    sizes = set()
+    for width in range(low, high + 1, step):
+        height = min(high, resolution * resolution // width // step * step)
+        if height >= low:
+            sizes.add((width, height))
+            sizes.add((height, width))
+    return sorted(sizes)
+
+
+def choose_bucket(width: int, height: int, resolution: int, bucket: bool) -> tuple[int, int]:
+    if not bucket:
+        return resolution, resolution
+    ratio = width / height
+    return min(bucket_sizes(resolution), key=lambda wh: (abs(math.log(wh[0] / wh[1] / ratio)), -wh[0] * wh[1]))
+
+
+def load_image(path: Path, resolution: int, bucket: bool = True):
+    """-> (tensor in [-1, 1], original (h, w), crop top-left (y, x), target (h, w)): the
+    image scaled to cover its bucket (or the square) and centre-cropped to it, with the
+    numbers SDXL's size and crop conditioning is trained on."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"cannot read image {path} ({exc}): remove or replace the file") from None
     original = (img.height, img.width)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    target_w, target_h = choose_bucket(img.width, img.height, resolution, bucket)
+    scale = max(target_w / img.width, target_h / img.height)
+    size = (max(target_w, round(img.width * scale)), max(target_h, round(img.height * scale)))
     img = img.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    left, top = (size[0] - target_w) // 2, (size[1] - target_h) // 2
+    img = img.crop((left, top, left + target_w, top + target_h))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original, (top, left)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original, (top, left), (target_h, target_w)
 
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),

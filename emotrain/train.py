@@ -90,12 +90,13 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     examples = scan_folder(resolve_data(cfg.data))
     with progress.task("encoding images", total=len(set(examples))) as advance:
         encoded = encode_examples(sdxl, examples, cfg.resolution, device, cfg.seed,
-                                  cache_text=not cfg.train_text_encoders, progress=advance)
+                                  cache_text=not cfg.train_text_encoders, bucket=cfg.bucket, progress=advance)
     sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
     if not cfg.train_text_encoders:
         sdxl.text_encoder.to("meta"), sdxl.text_encoder_2.to("meta")
 
     params = list(named_params.values())
+    sizes = [tuple(e.latents.shape) for e in encoded]
     optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.steps)
@@ -105,7 +106,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
         sdxl.text_encoder, sdxl.text_encoder_2 = accelerator.prepare(sdxl.text_encoder, sdxl.text_encoder_2)
         models += [sdxl.text_encoder, sdxl.text_encoder_2]
     run = Run(cfg, accelerator, sdxl, models, named_params, encoded, optimizer, lr_scheduler,
-              Batches(len(encoded), cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed))
+              Batches(sizes, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed))
     run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(examples),
                 "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "resumed_from": str(resume) if resume else None}
@@ -114,7 +115,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
                                              noise_generator=run.noise)
         run.step = meta["step"]
-        run.batches = Batches(len(encoded), cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
+        run.batches = Batches(sizes, cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
         progress.console.print(f"resumed from {resume} at step {run.step}")
     return run
 

@@ -88,7 +88,7 @@ def test_presets_command_lists_them():
     (["--optim", "nosuchpkg.Opt"], "cannot import optimizer"),
     (["--data", "/no/such/folder"], "data: folder /no/such/folder does not exist"),
     (["--preset", "nosuch"], "unknown preset 'nosuch'"),
-    (["--resolution", "60"], "multiple of 8"),
+    (["--resolution", "60"], "multiple of 32"),
     (["--lr-scheduler", "cosine_forever"], "unknown scheduler"),
     (["--network-weights", "/no/file.safetensors"], "does not exist"),
 ])
@@ -150,3 +150,27 @@ def test_a_new_run_never_overwrites_another(tmp_path):
     result = train(out, "--steps", "2", "--optim", "emosens", expect=2)
     assert "already holds a run" in result.output and "--resume" in result.output
     assert (out / "lora.safetensors").read_bytes() == before
+
+
+def test_aspect_ratio_buckets(tmp_path):
+    from PIL import Image
+
+    from emotrain.batches import Batches
+    from emotrain.data import bucket_sizes, load_image
+    for i, size in enumerate([(128, 64), (130, 60), (64, 128), (64, 64), (64, 64), (200, 100)]):
+        Image.new("RGB", size, (40 * i, 100, 200)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    pixels, original, crop, target = load_image(tmp_path / "0.png", 64)
+    assert original == (64, 128) and pixels.shape[1:] == target
+    assert target[1] > target[0] and target[0] * target[1] <= 64 * 64 and target in [(h, w) for w, h in bucket_sizes(64)]
+    assert load_image(tmp_path / "0.png", 64, bucket=False)[3] == (64, 64)
+    sizes = [load_image(tmp_path / f"{i}.png", 64)[3] for i in range(6)]
+    assert len(set(sizes)) == 3  # landscape, portrait, square
+    batches = Batches(sizes, 2, seed=0)
+    epoch = [batches.next() for _ in range(len(batches._batches))]
+    assert all(len({sizes[i] for i in batch}) == 1 for batch in epoch)  # one size per batch
+    assert sorted(i for batch in epoch for i in batch) == list(range(6))  # each image once an epoch
+    assert batches.next() and batches.epoch == 1
+    out = tmp_path / "run"
+    train(out, "--data", tmp_path, "--steps", "3")
+    assert run_json(out)["steps"] == 3
