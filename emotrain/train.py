@@ -158,7 +158,12 @@ def optimizer_step(run: Run) -> float:
 
 
 def save(run: Run, data_state: dict | None = None, noise_state: torch.Tensor | None = None) -> Path:
-    """A checkpoint of the run after ``run.step`` steps (by default: where it is now)."""
+    """A checkpoint of the run after ``run.step`` steps (by default: where it is now).
+    Every process holds the same state; the main one writes it."""
+    folder = Path(run.cfg.output).expanduser() / "checkpoints" / f"step-{run.step:06d}"
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return folder
     return checkpoint.save_checkpoint(
         Path(run.cfg.output).expanduser() / "checkpoints", step=run.step, named_params=run.named_params,
         optimizer=run.optimizer.optimizer, lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
@@ -184,7 +189,9 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     progress.enabled(run.accelerator.is_local_main_process)
     optimizer = run.optimizer.optimizer
     run.info.update(config=cfg.to_dict(), started_at=time.time())
-    report.write_json(output / "run.json", {**run.info, "status": "running"})
+    main = run.accelerator.is_main_process
+    if main:
+        report.write_json(output / "run.json", {**run.info, "status": "running"})
 
     losses, emotion, first_step, started = [], [], run.step, time.perf_counter()
     with progress:
@@ -214,9 +221,10 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                "seconds": elapsed, "steps_per_second": (run.step - first_step) / elapsed if elapsed else None,
                "losses": losses, "emotion_scalar": emotion, "final_loss": losses[-1] if losses else None,
                "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
-               "checkpoint": str(final), "files": save_lora(run, output),
+               "checkpoint": str(final), "files": save_lora(run, output) if main else {},
                "memory": report.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
                                               [run.sdxl.unet])}
-    report.write_json(output / "run.json", summary)
-    progress.summary(summary)
+    if main:
+        report.write_json(output / "run.json", summary)
+        progress.summary(summary)
     return summary
