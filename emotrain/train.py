@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 
 from . import checkpoint, lora_files, report
@@ -79,6 +80,9 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
 
 def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> Run:
     """Model with LoRA, encoded data, optimizer and schedule; restored if resuming."""
+    # accelerate keeps its settings per process; a second run in one process (the Python
+    # API, tests) may use another precision. The distributed part (PartialState) stays.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
     with progress.task("loading model"):

@@ -174,3 +174,28 @@ def test_aspect_ratio_buckets(tmp_path):
     out = tmp_path / "run"
     train(out, "--data", tmp_path, "--steps", "3")
     assert run_json(out)["steps"] == 3
+
+
+@pytest.mark.parametrize("flags", [["--mixed-precision", "bf16"], ["--mixed-precision", "fp16"],
+                                   ["--gradient-checkpointing"], ["--min-snr-gamma", "5", "--noise-offset", "0.05"]])
+def test_training_options_run(tmp_path, flags):
+    out = tmp_path / "run"
+    train(out, "--steps", "2", "--optim", "emosens", *flags)
+    run = run_json(out)
+    assert run["steps"] == 2 and all(torch.isfinite(torch.tensor(run["losses"])))
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())  # LoRA stays fp32 under mixed precision
+
+
+def test_text_encoder_training(tmp_path, tiny_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "run"
+    train(out, "--steps", "2", "--train-text-encoders", "--lr", "5e-3")
+    keys = list(load_file(out / "lora.safetensors"))
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_mlp_fc1") for k in keys)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_path)
+    pipe.load_lora_weights(str(out))
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        assert sum(1 for n, _ in encoder.named_modules() if n.endswith(".lora_A")) == 18
