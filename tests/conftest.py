@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -6,6 +8,7 @@ import pytest
 # Every test builds the tiny model and demo data into a private cache: tests never read a
 # user's cache and never touch the network.
 _CACHE = tempfile.mkdtemp(prefix="emotrain-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("EMOTRAIN_CACHE", _CACHE)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
