@@ -6,6 +6,7 @@ import torch
 
 from . import _native
 from ._base import EmoOptimizer, StepScalars, masked_indices
+from .emosens import emosens_foreach
 
 
 def _factor_means(sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,43 +69,10 @@ def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
     torch._foreach_addcdiv_(ps, gs, denom, value=-hp.step_size)
 
 
-def emoairy_vector_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
-    closed = masked_indices(gs, hp.thr3, strict_square=True)  # before denom: one temporary
-    torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
-    torch._foreach_mul_(exp_avg_sqs, hp.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, hp.eps)
-    for i in closed:
-        denom[i].masked_fill_(gs[i] * gs[i] <= hp.thr3, float("inf"))
-    if hp.wd != 0:
-        torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
-    torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
-
-
 # fused=True: the same rule with one reduction pass and one update pass (see _native.py).
 # A closed filter row/column gets an infinite factor, so its step is g / inf = 0.
 _native.register("emoairy", r"""
 #define EMOAIRY(T, S, SQRT)                                                             \
-void emoairy_vec_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M,   \
-                     const int64_t *V, const int64_t *N, double lr_wd, double step,      \
-                     double b1, double b2, double eps, double thr3) {                    \
-    const T c1 = (T)(1.0 - b1), tb2 = (T)b2, c2 = (T)(1.0 - b2), te = (T)eps;            \
-    const T tt = (T)thr3, ts = (T)step, td = (T)lr_wd;                                   \
-    for (int64_t k = 0; k < n; k++) {                                                    \
-        T *restrict p = (T *)P[k], *restrict m = (T *)M[k], *restrict v = (T *)V[k];      \
-        const T *restrict g = (const T *)G[k];                                           \
-        for (int64_t i = 0, len = N[k]; i < len; i++) {                                  \
-            T gi = g[i];                                                                 \
-            T mi = m[i] + c1 * (gi - m[i]);                                              \
-            T vi = v[i] * tb2 + c2 * gi * gi;                                            \
-            T u = gi * gi > tt ? mi / (SQRT(vi) + te) : (T)0;                            \
-            m[i] = mi;                                                                   \
-            v[i] = vi;                                                                   \
-            p[i] = p[i] - td * p[i] - ts * u;                                            \
-        }                                                                                \
-    }                                                                                    \
-}                                                                                        \
 void emoairy_mat_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *R,   \
                      const int64_t *C, const int64_t *N, const int64_t *D0,              \
                      double lr_wd, double step, double b1, double eps, double thr3) {    \
@@ -194,7 +162,7 @@ class EmoAiry(EmoOptimizer):
                                [hp.lr * hp.wd, hp.step_size, hp.beta1, hp.beta2, hp.eps,
                                 hp.thr3])
             else:
-                emoairy_vector_foreach(*lists, hp)
+                emosens_foreach(*lists, hp, strict_square=True)  # spec 5: EmoSens' m, v, own filter
 
     def _fused(self, ps, gs, ss, hp):
         self._foreach(ps, gs, ss, hp, fused=True)

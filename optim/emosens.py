@@ -20,27 +20,31 @@ def emosens_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
     p.add_(u, alpha=-hp.step_size)
 
 
-def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
-    """Same rule on a list; the filter is folded into the denominator (1/inf = 0)."""
-    closed = masked_indices(gs, hp.thr3)  # before denom: one temporary at a time
+def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars, strict_square: bool = False) -> None:
+    """Same rule on a list; the filter is folded into the denominator (1/inf = 0).
+    ``strict_square``: the filter of EmoAiry's vectors (g * g > thr ** 3), which otherwise
+    share this rule (spec 5)."""
+    closed = masked_indices(gs, hp.thr3, strict_square)  # before denom: one temporary at a time
     torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
     torch._foreach_mul_(exp_avg_sqs, hp.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)  # the one parameter-sized temporary
     torch._foreach_add_(denom, hp.eps)
     for i in closed:
-        denom[i].masked_fill_(gs[i].abs() < hp.thr3, float("inf"))
+        shut = gs[i] * gs[i] <= hp.thr3 if strict_square else gs[i].abs() < hp.thr3
+        denom[i].masked_fill_(shut, float("inf"))
     if hp.wd != 0:
         torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
     torch._foreach_addcdiv_(ps, exp_avgs, denom, value=-hp.step_size)
 
 
-# fused=True: the same rule in one pass per element (see _native.py).
+# fused=True: the same rule in one pass per element (see _native.py); EmoAiry's vectors
+# use it with their own filter.
 _native.register("emosens", r"""
-#define EMOSENS(T, S, SQRT, ABS)                                                        \
-void emosens_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M,       \
-                 const int64_t *V, const int64_t *N, double lr_wd, double step,          \
-                 double b1, double b2, double eps, double thr3) {                        \
+#define ADAM_FILTERED(NAME, T, S, SQRT, PASSES)                                         \
+void NAME##_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M,        \
+                const int64_t *V, const int64_t *N, double lr_wd, double step,           \
+                double b1, double b2, double eps, double thr3) {                         \
     const T c1 = (T)(1.0 - b1), tb2 = (T)b2, c2 = (T)(1.0 - b2), te = (T)eps;            \
     const T tt = (T)thr3, ts = (T)step, td = (T)lr_wd;                                   \
     for (int64_t k = 0; k < n; k++) {                                                    \
@@ -50,16 +54,19 @@ void emosens_##S(int64_t n, const int64_t *P, const int64_t *G, const int64_t *M
             T gi = g[i];                                                                 \
             T mi = m[i] + c1 * (gi - m[i]);                                              \
             T vi = v[i] * tb2 + c2 * gi * gi;                                            \
-            T u = ABS(gi) >= tt ? mi / (SQRT(vi) + te) : (T)0;                           \
+            T u = (PASSES) ? mi / (SQRT(vi) + te) : (T)0;                                \
             m[i] = mi;                                                                   \
             v[i] = vi;                                                                   \
             p[i] = p[i] - td * p[i] - ts * u;                                            \
         }                                                                                \
     }                                                                                    \
 }
-EMOSENS(float, f32, sqrtf, fabsf)
-EMOSENS(double, f64, sqrt, fabs)
+ADAM_FILTERED(emosens, float, f32, sqrtf, fabsf(gi) >= tt)
+ADAM_FILTERED(emosens, double, f64, sqrt, fabs(gi) >= tt)
+ADAM_FILTERED(emoairy_vec, float, f32, sqrtf, gi * gi > tt)
+ADAM_FILTERED(emoairy_vec, double, f64, sqrt, gi * gi > tt)
 """)
+
 
 
 def emosens_fused(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
