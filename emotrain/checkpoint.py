@@ -12,17 +12,16 @@ is written last, so a folder without it (or a temporary one) is never taken as l
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .errors import UserError
 
 FORMAT = 1
@@ -54,22 +53,13 @@ def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, l
     """Write ``folder/step-NNNNNN`` atomically; then keep only the newest ``keep``."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
-    try:
+    with atomic_path(final, directory=True) as tmp:  # re-saving a step (a resumed run) replaces it
         save_file({k: v.detach().cpu().contiguous() for k, v in named_params.items()}, tmp / FILES[0])
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "noise_generator": noise_state, "rng": rng_state()}, tmp / FILES[1])
         meta = {"format": FORMAT, "step": step, "data": data_state, "config": config, **info}
         (tmp / FILES[2]).write_text(json.dumps(meta, indent=2))
-        for f in tmp.iterdir():  # on disk before the rename makes the folder visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (a resumed run's first save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

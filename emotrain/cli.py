@@ -6,7 +6,6 @@ import json
 import shlex
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import List, Optional
 
 import typer

@@ -57,10 +57,9 @@ def run_merge(loras: list[str], output: str, model: str | None = None, rank: int
         raise UserError("no LoRA given: pass --lora FILE[:WEIGHT] at least once")
     weighted = load_weighted(loras)
     if model:
-        from .sdxl import resolve_model
         if rank is not None:
             raise UserError("--rank applies when combining LoRAs into one file, not when merging into a model: drop one")
-        folder = save_merged_pipeline(resolve_model(model), weighted, output)
+        folder = save_merged_pipeline(model, weighted, output)
         return f"wrote merged SDXL model to {folder} (loads with StableDiffusionXLPipeline.from_pretrained)"
     combined, report = combine(weighted, rank=rank, conv_rank=conv_rank)
     path = save_lora_file(output, combined, format=to)

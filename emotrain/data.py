@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from .atomic import atomic_path
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -121,20 +119,12 @@ def demo_folder(count: int = 16, size: int = 128, seed: int = 0) -> Path:
     folder = cache_root() / f"demo-data-v{DEMO_VERSION}-{count}x{size}-seed{seed}"
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    with atomic_path(folder, directory=True, if_exists="keep") as tmp:  # racing builds are identical
         rng = random.Random(seed)
         for i in range(count):
             img, caption = _draw_demo(rng, size)
             img.save(tmp / f"{i:03d}.png")
             (tmp / f"{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            pass  # built concurrently by another process: identical content
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import UserError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -418,25 +417,10 @@ def _parse_diffusers(tensors, p, adapter_meta) -> LoraWeights:
 # writing
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> Path:
     from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target, so os.replace is a rename and never a half-written copy.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
-        # safetensors creates files 0600; a LoRA is for sharing with other tools and users.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

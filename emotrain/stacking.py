@@ -10,17 +10,15 @@ change whatever the file's alpha, rank or format.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import UserError
 from .lora_files import (
-    COMPONENTS, TEXT_MODEL, LoraModule, LoraWeights, _umask, load_lora_file, save_diffusers, save_kohya,
+    COMPONENTS, TEXT_MODEL, LoraModule, LoraWeights, load_lora_file, save_diffusers, save_kohya,
 )
 
 WeightedLoras = list[tuple[LoraWeights, float]]
@@ -116,41 +114,17 @@ def save_merged_pipeline(model_source: str, loras: WeightedLoras, output_dir, dt
     """Load ``model_source`` (anything --model accepts), bake ``loras`` in and write a
     diffusers SDXL folder. Written next to ``output_dir`` under a temporary name and
     renamed into place, so a crash never leaves half a model under the real name."""
-    from diffusers import StableDiffusionXLPipeline
-
-    from .sdxl.model import resolve_model
+    from .sdxl.model import load_pipeline
 
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"output {output_dir} already exists: remove it or choose another folder")
-    source = resolve_model(model_source)
-    try:
-        if Path(source).is_file():
-            pipe = StableDiffusionXLPipeline.from_single_file(source, dtype=torch.float32)
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
-    except Exception as exc:
-        raise UserError(f"could not load SDXL model from {source}: {exc}".splitlines()[0]) from None
+    pipe, _ = load_pipeline(model_source)
     merge_into_base(pipe, loras)
     if dtype is not None:
         pipe.to(dtype=dtype)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Named by hand rather than with mkdtemp, whose 0700 mode the folder would keep.
-    tmp = output_dir.parent / f".{output_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_path(output_dir, directory=True) as tmp:  # replaces an empty folder
         pipe.save_pretrained(tmp, safe_serialization=True)
-        # safetensors writes 0600 files; a model folder is meant for other tools and users.
-        mode = 0o666 & ~_umask()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                f.chmod(mode)
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above); rename cannot replace a directory
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
 
 

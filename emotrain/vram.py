@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from optim import state_nbytes
+
 from .errors import UserError
 from .optimizers import EMO, build_optimizer, takes_loss
 
@@ -257,32 +259,7 @@ def init_optimizer_state(opt, include_shadow: bool | None = None) -> None:
 
 def measure_state_bytes(optimizer) -> int:
     """Bytes of every tensor the optimizer holds in ``optimizer.state``."""
-    try:
-        from optim import state_nbytes
-    except ImportError:  # the Emo package is older than its planner hook
-        return _state_nbytes(optimizer)
     return state_nbytes(optimizer)
-
-
-def _state_nbytes(optimizer) -> int:
-    seen, total = set(), 0
-
-    def walk(value):
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                total += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    for st in optimizer.state.values():
-        walk(st)
-    return total
 
 
 def planned_state_bytes(name: str, params, shadow: bool = False, args: dict | None = None) -> int:
@@ -430,8 +407,8 @@ def format_table(p: dict) -> str:
     if p["model"] == "tiny":
         return text + "\n".join(lines) + "\n"
     lines.append(
-        f"Published claim (spec 10): a rank-32 LoRA on the attention layers, about 85 M params, one fp32 state "
-        f"about 340 MB; EmoSens +1 state, EmoAiry about -1 state vs EmoCats.")
+        "Published claim (spec 10): a rank-32 LoRA on the attention layers, about 85 M params, one fp32 state "
+        "about 340 MB; EmoSens +1 state, EmoAiry about -1 state vs EmoCats.")
     lines.append(
         f"Here (rank {p['rank']}): transformer blocks (attention + feed-forward + proj_in/out, kohya's default "
         f"UNet targets) {ref['transformer_blocks_params']:,} params = {_mb(ref['one_fp32_state_bytes_transformer_blocks'])} MB "

@@ -59,8 +59,9 @@ def resolve_model(model: str) -> str:
                     "a hub repo id (owner/name) or 'tiny'")
 
 
-def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> SDXL:
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+def load_pipeline(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):
+    """The diffusers SDXL pipeline for anything --model accepts -> (pipeline, local source)."""
+    from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -74,12 +75,18 @@ def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: 
         else:
             dtypes = {"default": weight_dtype, "vae": vae_dtype}
             pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=dtypes, use_safetensors=True)
-    except UserError:
-        raise
     except Exception as exc:
         raise UserError(f"could not load SDXL model from {source}: {exc}".splitlines()[0]) from None
     if pipe.vae.dtype != vae_dtype:
         pipe.vae.to(vae_dtype)
+    return pipe, source
+
+
+def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> SDXL:
+    """The parts training needs, frozen, with a DDPM scheduler of the model's schedule."""
+    from diffusers import DDPMScheduler
+
+    pipe, source = load_pipeline(model, weight_dtype, vae_dtype)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(False)
         m.eval()

@@ -10,11 +10,12 @@ It is written once as an ordinary diffusers folder and then loaded like any mode
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_path
 
 FORMAT_VERSION = 1
 TEXT_WIDTH = 32  # each text encoder's hidden size; the UNet's cross-attention sees 2x
@@ -122,14 +123,6 @@ def tiny_sdxl_path(seed: int = 0) -> Path:
     folder = cache_root() / f"tiny-sdxl-v{FORMAT_VERSION}-seed{seed}"
     if (folder / "model_index.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    with atomic_path(folder, directory=True, if_exists="keep") as tmp:  # racing builds are identical
         build_tiny_sdxl(tmp, seed)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race; theirs is as good as ours
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
