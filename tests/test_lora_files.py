@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from emotrain.errors import UserError
+from helpers import unet_output
 from emotrain.lora_files import (
     LoraWeights, load_into_model, load_lora_file, lora_config_for, lora_weights_from_model, save_diffusers,
     save_kohya,
@@ -27,13 +28,6 @@ def randomize_lora(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def unet_output(unet) -> torch.Tensor:
-    g = torch.Generator().manual_seed(123)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ehs = torch.randn(2, 7, 64, generator=g)
-    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
-    with torch.no_grad():
-        return unet(x, torch.tensor([10, 500]), ehs, added_cond_kwargs=cond).sample
 
 
 TOKENS = torch.tensor([[49406, 72, 101, 108, 49407, 49407], [49406, 80, 81, 82, 83, 49407]]) % 500

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from emotrain.config import resolve_config
 from emotrain.sdxl import add_lora, load_sdxl, lora_module_names, unet_lora_config
 from emotrain.train import setup_lora
-from helpers import run_cli, run_json, train
+from helpers import run_cli, run_json, train, unet_inputs
 
 SGM_KINDS = {  # module type -> a key fragment sd-scripts' SDXL naming uses for it
     "attention": "_attn1_to_q.", "cross-attention": "_attn2_to_k.", "feed-forward": "_ff_net_0_proj.",
@@ -29,13 +29,6 @@ def trained(tmp_path_factory):
     return out
 
 
-def unet_inputs(unet, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
-                encoder_hidden_states=torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g),
-                                   "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)})
 
 
 def reference_unet(run_dir):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from emotrain.errors import UserError
+from helpers import unet_output
 from emotrain.lora_files import (
     LoraWeights, load_into_model, load_lora_file, lora_config_for, lora_weights_from_model, save_diffusers,
     save_kohya,
@@ -29,13 +30,6 @@ def randomize_lora(module, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def unet_output(unet):
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ehs = torch.randn(2, 5, 64, generator=g)
-    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
-    with torch.no_grad():
-        return unet(x, torch.tensor([20, 700]), ehs, added_cond_kwargs=cond).sample
 
 
 def te_output(te):

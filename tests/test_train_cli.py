@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from emotrain.config import preset_names, resolve_config
 from emotrain.errors import UserError
-from helpers import FAST, run_cli, run_json, train
+from helpers import run_cli, run_json, train
 
 
 @pytest.mark.parametrize("optim,shadow", [("emosens", False), ("emoairy", True), ("emocats", False)])
