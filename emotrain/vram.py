@@ -482,12 +482,10 @@ def _random_batch(config, batch_size: int, resolution: int | None, device, gener
     time_dim = 6 * config.addition_time_embed_dim
     shapes = {"latents": (batch_size, config.in_channels, side, side),
               "hidden": (batch_size, 77, config.cross_attention_dim),
-              "pooled": (batch_size, config.projection_class_embeddings_input_dim - time_dim),
-              "target": (batch_size, config.out_channels, side, side)}
+              "pooled": (batch_size, config.projection_class_embeddings_input_dim - time_dim)}
     batch = {k: torch.randn(s, generator=generator).to(device) for k, s in shapes.items()}
     batch["time_ids"] = torch.tensor([side * 8, side * 8, 0, 0, side * 8, side * 8],
                                      dtype=torch.float32).repeat(batch_size, 1).to(device)
-    batch["timesteps"] = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
     return batch
 
 
@@ -503,7 +501,9 @@ def measure(model: str = "tiny", optims="all", steps: int = 3, rank: int = 16, a
     the lazily allocated shadow buffer exists by the end (needs steps >= 2); each row says
     on which step the shadow appeared, or that it did not.
     """
-    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from .sdxl import denoising_loss, load_config
 
     if steps < 1:
         raise UserError("--steps must be at least 1")
@@ -523,6 +523,7 @@ def measure(model: str = "tiny", optims="all", steps: int = 3, rank: int = 16, a
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
+    scheduler = DDPMScheduler.from_config(load_config("sdxl_scheduler"))  # the tiny model shares it
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     results = {}
@@ -538,11 +539,9 @@ def measure(model: str = "tiny", optims="all", steps: int = 3, rank: int = 16, a
         shadow_step, losses = None, []
         for step in range(1, steps + 1):
             batch = _random_batch(unet.config, batch_size, resolution, device, generator)
-            with autocast:
-                pred = unet(batch["latents"].to(dtype), batch["timesteps"], batch["hidden"].to(dtype),
-                            added_cond_kwargs={"text_embeds": batch["pooled"].to(dtype),
-                                               "time_ids": batch["time_ids"].to(dtype)}).sample
-            loss = F.mse_loss(pred.float(), batch["target"].float())
+            with autocast:  # the training loop's own loss, on random latents and conditioning
+                loss = denoising_loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
+                                      batch["time_ids"], generator)
             loss.backward()
             value = loss.item()
             losses.append(value)
