@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -48,6 +49,7 @@ def scan_folder(folder: str | Path) -> list[Example]:
     return examples
 
 
+@functools.lru_cache(maxsize=None)
 def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     """Aspect-ratio buckets as sd-scripts makes them: (width, height) in steps of 64 px
     (32 below 512 px), sides from half to twice ``resolution``, area at most resolution^2."""
