@@ -13,23 +13,23 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-
 from .atomic import atomic_path
 from .errors import UserError
+from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, STEP_NAME, TRAINABLE, TRAINING_STATE, RunFolder, step_name
+
+# torch and numpy are imported where tensors are handled: finding and checking a
+# checkpoint (--resume's first step) is plain file work and must answer fast.
 
 FORMAT = 1
-NAME = re.compile(r"^step-(\d{6,})$")
-FILES = ("trainable.safetensors", "training_state.pt", "checkpoint.json")
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     np_state = np.random.get_state()
     state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
              "numpy": np_state[1].tolist(), "numpy_pos": int(np_state[2]),
@@ -40,6 +40,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
@@ -48,18 +51,21 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
-                    data_state: dict, noise_state: torch.Tensor, config: dict, info: dict,
+                    data_state: dict, noise_state, config: dict, info: dict,
                     keep: int | None = None) -> Path:
     """Write ``folder/step-NNNNNN`` atomically; then keep only the newest ``keep``."""
+    import torch
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:06d}"
+    final = folder / step_name(step)
     with atomic_path(final, directory=True) as tmp:  # re-saving a step (a resumed run) replaces it
-        save_file({k: v.detach().cpu().contiguous() for k, v in named_params.items()}, tmp / FILES[0])
+        save_file({k: v.detach().cpu().contiguous() for k, v in named_params.items()}, tmp / TRAINABLE)
         torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "noise_generator": noise_state, "rng": rng_state()}, tmp / FILES[1])
+                    "noise_generator": noise_state, "rng": rng_state()}, tmp / TRAINING_STATE)
         meta = {"format": FORMAT, "step": step, "data": data_state, "config": config, **info}
-        (tmp / FILES[2]).write_text(json.dumps(meta, indent=2))
+        (tmp / CHECKPOINT_JSON).write_text(json.dumps(meta, indent=2))
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -67,10 +73,10 @@ def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, l
 
 
 def is_complete(path: Path) -> bool:
-    if not all((path / f).is_file() for f in FILES):
+    if not all((path / f).is_file() for f in CHECKPOINT_FILES):
         return False
     try:
-        return json.loads((path / FILES[2]).read_text()).get("format") == FORMAT
+        return json.loads((path / CHECKPOINT_JSON).read_text()).get("format") == FORMAT
     except (ValueError, OSError):
         return False
 
@@ -79,7 +85,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints in ``folder``, oldest first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name)) and is_complete(p)]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_NAME.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -88,7 +94,7 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if is_complete(path):
         return path
-    found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    found = list_checkpoints(RunFolder(path).checkpoints) or list_checkpoints(path)
     if not found:
         raise UserError(f"no complete checkpoint in {path}: pass a run's output folder or a "
                         "checkpoints/step-NNNNNN folder (train with --save-every N to write them)")
@@ -96,14 +102,17 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / FILES[2]).read_text())
+    return json.loads((path / CHECKPOINT_JSON).read_text())
 
 
 def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_scheduler, scaler,
-                       noise_generator: torch.Generator) -> dict:
+                       noise_generator) -> dict:
     """Load a checkpoint into freshly built training objects; returns its metadata."""
+    import torch
+    from safetensors.torch import load_file
+
     meta = read_meta(path)
-    weights = load_file(path / FILES[0])
+    weights = load_file(path / TRAINABLE)
     missing = sorted(set(named_params) ^ set(weights))
     if missing:
         raise UserError(f"checkpoint {path} does not match this model's LoRA (first differing key "
@@ -111,7 +120,7 @@ def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_schedule
     with torch.no_grad():
         for name, p in named_params.items():
             p.copy_(weights[name])
-    state = torch.load(path / FILES[1], weights_only=True, map_location="cpu")
+    state = torch.load(path / TRAINING_STATE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if scaler is not None and state["scaler"]:

@@ -1,7 +1,13 @@
-"""The command line: parses and delegates. Errors in the user's input end in one line."""
+"""The command line: parses and delegates. Errors in the user's input end in one line.
+
+``sdxl-lora`` and ``vram`` take their training options from the one declaration in
+options.py: each declared option becomes a flag, in its help panel, with its default
+shown; the command bodies only hand the values on.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 import sys
@@ -9,17 +15,58 @@ from enum import Enum
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from .errors import UserError
+from .options import OPTIONS, Option
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+MAX_HELP_WIDTH = 100
+# click's exception classes, wherever this typer takes click from (newer ones vendor it).
+click_exceptions = sys.modules[typer.BadParameter.__module__]
+
+
+class OneLineErrors(TyperGroup):
+    """Command-line mistakes (a bad number, an unknown flag) end in one line and exit
+    code 2, like every other input error, instead of click's usage box."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help())
+            sys.exit(0)
+        except click_exceptions.ClickException as exc:
+            command = f" (see: emotrain {exc.ctx.info_name} --help)" if getattr(exc, "ctx", None) and \
+                exc.ctx.parent else " (see: emotrain --help)"
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"error: {message}{command}", err=True)
+            sys.exit(2)
+        except click_exceptions.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class GroupedHelp(TyperCommand):
+    """Plain click help (it wraps to any terminal and never cuts a flag name), with the
+    options under their panels: model, data, LoRA, optimizer, ..."""
+
+    def format_options(self, ctx, formatter):
+        panels: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        for name, rows in panels.items():
+            with formatter.section(name):
+                formatter.write_dl(rows)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  context_settings={"max_content_width": MAX_HELP_WIDTH},
                   help="Train SDXL full-layer LoRAs with the Emo optimizer family (EmoSens, EmoAiry, EmoCats).")
-
-
-class Precision(str, Enum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 def _fail(exc: Exception) -> None:
@@ -27,57 +74,72 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _split(values: Optional[List[str]]) -> Optional[List[str]]:
-    """``--optim-args "a=1 b=2"`` and ``--optim-args a=1 --optim-args b=2`` alike."""
-    return None if values is None else [item for v in values for item in shlex.split(v)]
+# -- options from the declaration ------------------------------------------------------
+
+_ANNOTATIONS = {bool: Optional[bool], int: Optional[int], float: Optional[float], str: Optional[str],
+                list: Optional[List[str]]}
 
 
-@app.command("sdxl-lora")
-def sdxl_lora(
-    preset: Optional[str] = typer.Option(None, help="Preset name (see `emotrain presets`) or a .toml file."),
-    model: Optional[str] = typer.Option(None, help="Diffusers SDXL folder, hub repo id, .safetensors checkpoint, or 'tiny'."),
-    data: Optional[str] = typer.Option(None, help="Folder of images with .txt captions (N_name sub-folders repeat N times), or 'demo'."),
-    output: Optional[str] = typer.Option(None, help="Output folder (default: output)."),
-    optim: Optional[str] = typer.Option(None, help="emosens, emoairy, emocats, adamw, adamw8bit, adafactor, lion, or package.module.Class."),
-    shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow", help="Emo shadow-system (one parameter-sized buffer)."),
-    optim_args: Optional[List[str]] = typer.Option(None, help="Optimizer keyword arguments, key=value (repeatable)."),
-    rank: Optional[int] = typer.Option(None, help="LoRA rank for linear layers and 1x1 convs."),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: the rank)."),
-    conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions (default: --rank; 0 turns them off)."),
-    conv_alpha: Optional[float] = typer.Option(None, help="Alpha for 3x3 convolutions (default: --alpha)."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (Emo family: 2e-4 to 4e-4)."),
-    lr_scheduler: Optional[str] = typer.Option(None, help="constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."),
-    warmup_steps: Optional[int] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None),
-    grad_accum: Optional[int] = typer.Option(None, help="Micro-batches per optimizer step."),
-    resolution: Optional[int] = typer.Option(None, help="Training resolution: buckets hold at most resolution^2 pixels."),
-    bucket: Optional[bool] = typer.Option(None, "--bucket/--no-bucket", help="Aspect-ratio buckets (default) or square centre crops."),
-    mixed_precision: Optional[Precision] = typer.Option(None),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    min_snr_gamma: Optional[float] = typer.Option(None),
-    noise_offset: Optional[float] = typer.Option(None),
-    max_grad_norm: Optional[float] = typer.Option(None, help="Gradient clipping norm (0: off)."),
-    seed: Optional[int] = typer.Option(None),
-    train_text_encoders: Optional[bool] = typer.Option(None, "--train-text-encoders/--no-train-text-encoders"),
-    save_every: Optional[int] = typer.Option(None, help="Write a checkpoint every N optimizer steps."),
-    keep_checkpoints: Optional[int] = typer.Option(None, help="Keep the newest K checkpoints."),
-    resume: Optional[str] = typer.Option(None, help="Continue a run: its output folder or a checkpoint folder."),
-    network_weights: Optional[str] = typer.Option(None, help="Start from an existing LoRA file (kohya or diffusers)."),
-    base_lora: Optional[List[str]] = typer.Option(None, help="FILE[:WEIGHT] merged into the base before training (repeatable)."),
-):
+def _metavar(o: Option) -> str | None:
+    if o.choices and o.name != "optim":
+        return "[" + "|".join(o.choices) + "]"
+    return {int: "INT", float: "FLOAT", str: "TEXT", list: "TEXT"}.get(o.type)
+
+
+def _parameter(o: Option, panel: str | None = None) -> inspect.Parameter:
+    # The default is shown in the help text: the parameter's own default must stay None,
+    # which tells "not given" (a preset's value stands) from "given".
+    shown = o.shown_default()
+    help_text = o.help + ("" if shown == "-" else f" [default: {shown}]")
+    info = typer.Option(None, *o.flags.split(" "), help=help_text, rich_help_panel=panel or o.group,
+                        show_default=False, metavar=_metavar(o))
+    return inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=_ANNOTATIONS[o.type])
+
+
+def _extra(name: str, annotation, info) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+
+
+def with_options(first: list[inspect.Parameter], last: list[inspect.Parameter] = (), panel_of=lambda o: None):
+    """Give a ``**values`` command one flag per declared option (plus its own ones)."""
+    def decorate(func):
+        params = list(first) + [_parameter(o, panel_of(o)) for o in OPTIONS] + list(last)
+        func.__signature__ = inspect.Signature(params)
+        func.__annotations__ = {p.name: p.annotation for p in params}
+        return func
+    return decorate
+
+
+def overrides_from(values: dict) -> dict:
+    """Command-line values by option name; None where the flag was not given."""
+    out = {}
+    for o in OPTIONS:
+        value = values.get(o.name)
+        if o.type is list:  # a repeatable flag given no times is "not given", not "empty"
+            value = None if not value else value
+            if value is not None and o.split:
+                try:  # ``--optim-args "a=1 b=2"`` and ``--optim-args a=1 --optim-args b=2`` alike
+                    value = [item for v in value for item in shlex.split(v)]
+                except ValueError as exc:
+                    raise UserError(f"{o.name}: cannot split {value!r} ({exc}): balance the quotes") from None
+        out[o.name] = value
+    return out
+
+
+PRESET = _extra("preset", Optional[str], typer.Option(
+    None, metavar="NAME|FILE", help="Preset name (see `emotrain presets`) or a .toml file; flags override it.", rich_help_panel="Model"))
+
+
+# -- commands --------------------------------------------------------------------------
+
+@app.command("sdxl-lora", cls=GroupedHelp)
+@with_options([PRESET], [_extra("resume", Optional[str], typer.Option(
+    None, metavar="FOLDER", help="Continue a run: its output folder or a checkpoint folder.", rich_help_panel="Checkpoints"))])
+def sdxl_lora(**values):
     """Train an SDXL full-layer LoRA."""
-    overrides = dict(
-        model=model, data=data, output=output, optim=optim, shadow=shadow, optim_args=_split(optim_args),
-        rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, lr=lr, lr_scheduler=lr_scheduler,
-        warmup_steps=warmup_steps, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-        resolution=resolution, bucket=bucket, mixed_precision=mixed_precision.value if mixed_precision else None,
-        gradient_checkpointing=gradient_checkpointing, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,
-        max_grad_norm=max_grad_norm, seed=seed, train_text_encoders=train_text_encoders, save_every=save_every,
-        keep_checkpoints=keep_checkpoints, network_weights=network_weights, base_lora=base_lora)
     from .commands import run_training
     try:
-        run_training(preset, overrides, resume)
+        run_training(values.pop("preset"), overrides_from(values), values.pop("resume"))
     except UserError as exc:
         _fail(exc)
 
@@ -92,49 +154,38 @@ def presets():
                    f"rank={table.get('rank', '')} lr={table.get('lr', '')}")
 
 
-class LoraFormat(str, Enum):
-    kohya = "kohya"
-    diffusers = "diffusers"
+OTHER_PANEL = "Other training options (accepted, no effect on memory)"
 
 
-@app.command("vram")
-def vram(
-    model: str = typer.Option("sdxl", help="'sdxl' (SDXL 1.0 base config, no weights needed), 'tiny', or a diffusers folder."),
-    rank: int = typer.Option(16, help="LoRA rank."),
-    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (no effect on memory)."),
-    conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions (default: --rank)."),
-    optim: str = typer.Option("all", help="Comma-separated optimizers, or 'all'."),
-    shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow", help="Emo rows with or without the shadow-system."),
-    both: bool = typer.Option(False, "--both", help="Emo rows with and without the shadow-system (the default)."),
-    mixed_precision: Precision = typer.Option(Precision.no, help="Precision of the frozen base weights."),
-    train_text_encoders: bool = typer.Option(False, "--train-text-encoders", help="Count text-encoder LoRAs too."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    measure: bool = typer.Option(False, "--measure", help="Also run real steps per optimizer and compare."),
-    steps: int = typer.Option(3, help="Steps per optimizer with --measure."),
-):
-    """Plan (and optionally measure) memory per optimizer for a LoRA run."""
-    from . import vram as planner
-    shadow_mode = "both" if both or shadow is None else shadow
+@app.command("vram", cls=GroupedHelp)
+@with_options([PRESET], [
+    _extra("both", bool, typer.Option(False, "--both", help="Emo rows with and without the shadow-system.",
+                                      rich_help_panel="Table")),
+    _extra("as_json", bool, typer.Option(False, "--json", help="Print JSON instead of a table.",
+                                         rich_help_panel="Table")),
+    _extra("measure", bool, typer.Option(False, "--measure", help="Also run real steps per optimizer and compare "
+                                         "(on a GPU: real-size SDXL with random weights; else the tiny model).",
+                                         rich_help_panel="Table")),
+    _extra("measure_steps", int, typer.Option(3, help="Steps per optimizer with --measure.", rich_help_panel="Table")),
+], panel_of=lambda o: None if o.memory else OTHER_PANEL)
+def vram(**values):
+    """Plan (and optionally measure) the memory of the run these flags describe, per optimizer.
+
+    Takes the same preset and flags as sdxl-lora; --optim also takes 'all' or a
+    comma-separated list for a comparison table. Without --model it plans SDXL 1.0 from
+    its shipped configs (no weights needed)."""
+    from .commands import run_vram
     try:
-        if measure:
-            if model == "sdxl" and not _has_gpu():
-                typer.echo("no GPU: measuring on the tiny model (on a GPU, --model sdxl measures real-size SDXL)", err=True)
-                model = "tiny"
-            result = planner.measure(model=model, optims=optim,
-                                     steps=steps, rank=rank, alpha=alpha, conv_rank=conv_rank, shadow=shadow_mode,
-                                     mixed_precision=mixed_precision.value)
-            typer.echo(json.dumps(result, indent=2) if as_json else planner.format_measure(result))
-            return
-        result = planner.plan(model, rank, alpha, conv_rank, None, optim, shadow_mode, mixed_precision.value,
-                              train_text_encoders)
-        typer.echo(json.dumps(result, indent=2) if as_json else planner.format_table(result))
+        typer.echo(run_vram(values.pop("preset"), overrides_from(values), both=values.pop("both"),
+                            as_json=values.pop("as_json"), measure=values.pop("measure"),
+                            measure_steps=values.pop("measure_steps")))
     except UserError as exc:
         _fail(exc)
 
 
-def _has_gpu() -> bool:
-    import torch
-    return torch.cuda.is_available()
+class LoraFormat(str, Enum):
+    kohya = "kohya"
+    diffusers = "diffusers"
 
 
 @app.command("merge")

@@ -2,48 +2,74 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 from .checkpoint import find_checkpoint, list_checkpoints, read_meta
-from .config import config_from_dict, resolve_config
+from .config import config_from_dict, given_values, resolve_config, resumed_config
 from .errors import UserError
-
-# What a resumed run may change; anything else would make the checkpoint meaningless.
-RESUMABLE_CHANGES = ("steps", "save_every", "keep_checkpoints", "output")
+from .layout import RunFolder
 
 
 def resume_config(path: str, overrides: dict):
     ckpt = find_checkpoint(path)
-    saved = config_from_dict(read_meta(ckpt)["config"])
-    changed = {}
-    for key, value in overrides.items():
-        if value is None or value == getattr(saved, key):
-            continue
-        if key not in RESUMABLE_CHANGES:
-            raise UserError(f"--{key.replace('_', '-')} differs from the checkpoint's ({getattr(saved, key)!r}): "
-                            f"a resumed run keeps its config; only {', '.join(RESUMABLE_CHANGES)} may change")
-        changed[key] = value
-    values = {**saved.to_dict(), **changed}
-    cfg = resolve_config(None, values)
-    if cfg.steps < read_meta(ckpt)["step"]:
-        raise UserError(f"--steps {cfg.steps} is below the checkpoint's step {read_meta(ckpt)['step']}: pass a larger --steps")
+    meta = read_meta(ckpt)
+    cfg = resumed_config(config_from_dict(meta["config"]), overrides)
+    if cfg.steps < meta["step"]:
+        raise UserError(f"--steps {cfg.steps} is below the checkpoint's step {meta['step']}: pass a larger --steps")
     return cfg, ckpt
 
 
 def run_training(preset: str | None, overrides: dict, resume: str | None = None) -> dict:
-    from .train import train
-
+    """Check everything the command line says, then train (torch is imported only then)."""
     if resume:
         if preset:
             raise UserError("--preset and --resume together: a resumed run takes its config from the checkpoint")
         cfg, ckpt = resume_config(resume, overrides)
+        from .train import train
         return train(cfg, resume=ckpt)
     cfg = resolve_config(preset, overrides)
-    existing = list_checkpoints(Path(cfg.output).expanduser() / "checkpoints")
+    existing = list_checkpoints(RunFolder(cfg.output).checkpoints)
     if existing:  # a new run there would mix with (and prune) another run's checkpoints
         raise UserError(f"{cfg.output} already holds a run (checkpoint {existing[-1].name}): continue it with "
                         f"--resume {cfg.output}, or pass another --output")
+    from .train import train
     return train(cfg)
+
+
+def run_vram(preset: str | None, overrides: dict, *, both: bool = False, as_json: bool = False,
+             measure: bool = False, measure_steps: int = 3) -> str:
+    """The memory plan of the run the preset and flags describe. ``--optim`` may name
+    several optimizers (or ``all``) and ``--both`` asks for shadow off and on: a
+    comparison table. Named nowhere (no preset, no flag), the optimizer and shadow
+    default to all of them."""
+    import sys
+
+    optim = overrides.pop("optim", None)
+    several = optim is not None and ("," in optim or optim == "all")
+    given = given_values(preset, {**overrides, "optim": None if several else optim})
+    cfg = resolve_config(preset, {**overrides, "optim": None if several else optim}, needs_data=False,
+                         defaults={"model": "sdxl"})
+    optims = optim if several else (cfg.optim if "optim" in given else "all")
+    # A named optimizer plans the run as configured; none named, the comparison table.
+    shadow = "both" if both or not ({"optim", "shadow"} & set(given)) else cfg.shadow
+    if measure_steps < 1:
+        raise UserError("--measure-steps must be at least 1")
+    from . import vram
+
+    if measure:
+        if cfg.model == "sdxl" and not _has_gpu():
+            print("no GPU: measuring the tiny model at 64 px instead (on a GPU, --model sdxl measures real-size "
+                  "SDXL with random weights)", file=sys.stderr)
+            cfg = cfg.replace(model="tiny", resolution=64)
+        result = vram.measure(cfg, optims, shadow, steps=measure_steps)
+        return json.dumps(result, indent=2) if as_json else vram.format_measure(result)
+    result = vram.plan(cfg, optims, shadow)
+    return json.dumps(result, indent=2) if as_json else vram.format_table(result)
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def run_merge(loras: list[str], output: str, model: str | None = None, rank: int | None = None,

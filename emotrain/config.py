@@ -1,55 +1,20 @@
-"""The training configuration: defaults, presets (TOML) and command-line overrides,
-checked before any model is loaded."""
+"""The training configuration: ``TrainConfig`` built from the option declarations
+(options.py), filled from defaults, a preset (TOML) and the command line, and checked
+before any model is loaded. Pure Python: no torch here."""
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
-from .optimizers import NAMES as OPTIMIZERS
-from .stacking import parse_lora_spec
-
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-PRECISIONS = ("no", "fp16", "bf16")
+from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
 
 
-@dataclass
-class TrainConfig:
-    model: str | None = None
-    data: str | None = None
-    output: str = "output"
-    optim: str = "emoairy"
-    shadow: bool = False
-    optim_args: list[str] = field(default_factory=list)
-    rank: int = 16
-    alpha: float | None = None  # None: same as rank (scale 1)
-    conv_rank: int | None = None  # None: same as rank
-    conv_alpha: float | None = None  # None: same as alpha
-    lr: float = 3e-4
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    resolution: int = 1024
-    bucket: bool = True  # aspect-ratio buckets; False: centre-crop every image to a square
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    seed: int = 42
-    train_text_encoders: bool = False
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 3
-    network_weights: str | None = None
-    base_lora: list[str] = field(default_factory=list)
+class _Derived:
+    """Values that default to another option's."""
 
     @property
     def effective_alpha(self) -> float:
@@ -66,46 +31,55 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
 
-KEYS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+def _field(o: Option):
+    annotation = {list: "list[str]"}.get(o.type, o.type.__name__)
+    if o.nullable or o.default is None:
+        annotation += " | None"
+    default = dataclasses.field(default_factory=lambda d=o.default: list(d)) if o.type is list \
+        else dataclasses.field(default=o.default)
+    return o.name, annotation, default
 
 
-def _coerce(key: str, value, where: str):
-    """Check one value against the field's declared type; ints are fine for floats."""
-    hint = typing.get_type_hints(TrainConfig)[key]
-    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    args = typing.get_args(hint) if is_union else ()
-    optional = type(None) in args
-    base = next(a for a in args if a is not type(None)) if is_union else hint
-    if value is None and optional:
+TrainConfig = dataclasses.make_dataclass("TrainConfig", [_field(o) for o in OPTIONS], bases=(_Derived,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = "One run's settings; the fields are emotrain.options.OPTIONS."
+
+
+def coerce(o: Option, value, where: str):
+    """Check one value's type against its declaration; ints are fine for floats."""
+    if value is None and (o.nullable or o.default is None):
         return None
-    origin = typing.get_origin(base)
-    if origin is list:
+    if o.type is list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{key} {where} must be a list of strings, got {value!r}")
+            raise UserError(f"{o.name} {where} must be a list of strings, got {value!r}")
         return list(value)
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif base is str:
-        if isinstance(value, str):
-            return value
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
-    raise UserError(f"{key} {where} must be {kind}, got {value!r}")
+    if o.type is bool and isinstance(value, bool):
+        return value
+    if o.type is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if o.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if o.type is str and isinstance(value, str):
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[o.type]
+    raise UserError(f"{o.name} {where} must be {kind}, got {value!r}")
 
 
-def _validate(cfg: TrainConfig, needs_data: bool = True) -> None:
+def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
+    """Every value against its declaration, then what only the whole config can say."""
     def bad(key, problem):
         raise UserError(f"{key}: {problem}")
 
+    for o in OPTIONS:
+        problem = o.problem(getattr(cfg, o.name))
+        if problem:
+            bad(o.name, f"{problem} {o.hint}".rstrip())
     if not cfg.model:
         bad("model", "no model given: pass --model PATH|REPO_ID|tiny or a preset that sets it")
     if needs_data:
@@ -113,34 +87,9 @@ def _validate(cfg: TrainConfig, needs_data: bool = True) -> None:
             bad("data", "no training data given: pass --data DIR (images with .txt captions) or --data demo")
         if cfg.data != "demo" and not Path(cfg.data).expanduser().is_dir():
             bad("data", f"folder {cfg.data} does not exist: pass an existing folder of images, or --data demo")
-    if cfg.optim not in OPTIMIZERS and "." not in cfg.optim:
-        bad("optim", f"unknown optimizer {cfg.optim!r}: use one of {', '.join(OPTIMIZERS)} or package.module.Class")
-    for key in ("rank", "steps", "batch_size", "grad_accum", "resolution"):
-        if getattr(cfg, key) < 1:
-            bad(key, f"must be at least 1, got {getattr(cfg, key)}")
-    if cfg.conv_rank is not None and cfg.conv_rank < 0:
-        bad("conv_rank", "must be 0 (no 3x3 conv LoRA) or more")
-    if cfg.resolution % 32 or cfg.resolution < 64:
-        bad("resolution", f"must be a multiple of 32 and at least 64 (the VAE and UNet scales), got {cfg.resolution}")
-    for key in ("alpha", "conv_alpha"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) <= 0:
-            bad(key, f"must be positive, got {getattr(cfg, key)}")
-    if not cfg.lr > 0:
-        bad("lr", f"must be positive, got {cfg.lr} (the Emo family works well at 2e-4 to 4e-4)")
-    if cfg.lr_scheduler not in SCHEDULERS:
-        bad("lr_scheduler", f"unknown scheduler {cfg.lr_scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-    if cfg.mixed_precision not in PRECISIONS:
-        bad("mixed_precision", f"must be one of {', '.join(PRECISIONS)}, got {cfg.mixed_precision!r}")
-    for key in ("warmup_steps", "save_every", "noise_offset"):
-        if getattr(cfg, key) < 0:
-            bad(key, f"must not be negative, got {getattr(cfg, key)}")
-    if cfg.keep_checkpoints < 1:
-        bad("keep_checkpoints", f"must be at least 1, got {cfg.keep_checkpoints}")
-    if cfg.min_snr_gamma is not None and cfg.min_snr_gamma <= 0:
-        bad("min_snr_gamma", f"must be positive (5 is usual), got {cfg.min_snr_gamma}")
-    if cfg.max_grad_norm is not None and cfg.max_grad_norm < 0:
-        bad("max_grad_norm", f"must not be negative (0 turns clipping off), got {cfg.max_grad_norm}")
-    if cfg.network_weights and not Path(cfg.network_weights).is_file():
+    if cfg.targets == "transformer" and cfg.conv_rank:
+        bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
+    if cfg.network_weights and not Path(cfg.network_weights).expanduser().is_file():
         bad("network_weights", f"file {cfg.network_weights} does not exist: pass an existing LoRA .safetensors")
     for spec in cfg.base_lora:
         path, _ = parse_lora_spec(spec)
@@ -174,26 +123,46 @@ def check_keys(table: dict, where: str) -> dict:
     out = {}
     for raw_key, value in table.items():
         key = raw_key.replace("-", "_")
-        if key not in KEYS or key == "preset":
-            raise UserError(f"unknown key {raw_key!r} in {where}: valid keys are {', '.join(KEYS)}")
-        out[key] = _coerce(key, value, f"in {where}")
+        if key not in BY_NAME:
+            raise UserError(f"unknown key {raw_key!r} in {where}: valid keys are {', '.join(BY_NAME)}")
+        out[key] = coerce(BY_NAME[key], value, f"in {where}")
     return out
 
 
-def resolve_config(preset: str | None = None, overrides: dict | None = None, needs_data: bool = True) -> TrainConfig:
-    """Defaults, then the preset, then the command line (values that are not None)."""
+def given_values(preset: str | None, overrides: dict | None) -> dict:
+    """What the preset and the command line set (the command line wins), checked for type."""
     values = {}
     if preset:
         table, where = read_preset(preset)
         values.update(check_keys(table, where))
     for key, value in (overrides or {}).items():
         if value is not None:
-            values[key] = _coerce(key, value, "on the command line")
-    cfg = TrainConfig(**values)
-    _validate(cfg, needs_data=needs_data)
+            values[key] = coerce(BY_NAME[key], value, "on the command line")
+    return values
+
+
+def resolve_config(preset: str | None = None, overrides: dict | None = None, needs_data: bool = True,
+                   defaults: dict | None = None) -> TrainConfig:
+    """The declared defaults (or ``defaults``), then the preset, then the command line."""
+    cfg = TrainConfig(**{**(defaults or {}), **given_values(preset, overrides)})
+    validate(cfg, needs_data=needs_data)
     return cfg
 
 
 def config_from_dict(values: dict) -> TrainConfig:
     """A config written by an earlier run (run.json, a checkpoint)."""
     return TrainConfig(**check_keys(values, "saved config"))
+
+
+def resumed_config(saved: TrainConfig, overrides: dict) -> TrainConfig:
+    """The checkpoint's config with the command line's changes, where a resumed run may
+    change them (options declared ``resumable``); anything else is refused by name."""
+    changed = {}
+    for key, value in overrides.items():
+        if value is None or value == getattr(saved, key):
+            continue
+        if key not in RESUMABLE:
+            raise UserError(f"{BY_NAME[key].cli_name} differs from the checkpoint's ({getattr(saved, key)!r}): "
+                            f"a resumed run keeps its config; only {', '.join(RESUMABLE)} may change")
+        changed[key] = value
+    return resolve_config(None, {**saved.to_dict(), **changed})

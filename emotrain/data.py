@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from .atomic import atomic_path
+from .cache import cache_root
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -116,8 +117,6 @@ def _draw_demo(rng: random.Random, size: int) -> tuple[Image.Image, str]:
 def demo_folder(count: int = 16, size: int = 128, seed: int = 0) -> Path:
     """A small captioned image set, drawn deterministically and cached; built in a
     temporary folder and renamed, so a half-written set is never used."""
-    from .sdxl.tiny import cache_root
-
     folder = cache_root() / f"demo-data-v{DEMO_VERSION}-{count}x{size}-seed{seed}"
     if folder.is_dir():
         return folder

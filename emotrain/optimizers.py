@@ -5,13 +5,13 @@ from __future__ import annotations
 import ast
 import importlib
 
-import torch
-
 from .errors import UserError
 
+# The one list of optimizers emotrain knows by name, with the names tables print.
 EMO = {"emosens": "EmoSens", "emoairy": "EmoAiry", "emocats": "EmoCats"}
-BASELINES = ("adamw", "adamw8bit", "adafactor", "lion")
-NAMES = tuple(EMO) + BASELINES
+BASELINES = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "lion": "Lion"}
+NAMES = tuple(EMO) + tuple(BASELINES)
+DISPLAY = {**EMO, **BASELINES}
 
 
 def parse_optim_args(items: list[str] | dict | None) -> dict:
@@ -35,6 +35,7 @@ def optimizer_class(name: str):
     if name in EMO:
         return getattr(importlib.import_module("optim"), EMO[name])
     if name == "adamw":
+        import torch
         return torch.optim.AdamW
     if name == "adamw8bit":
         import bitsandbytes as bnb

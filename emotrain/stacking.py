@@ -17,23 +17,12 @@ import torch
 
 from .atomic import atomic_path
 from .errors import UserError
+from .options import parse_lora_spec
 from .lora_files import (
     COMPONENTS, TEXT_MODEL, LoraModule, LoraWeights, load_lora_file, save_diffusers, save_kohya,
 )
 
 WeightedLoras = list[tuple[LoraWeights, float]]
-
-
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path`` or ``path:weight`` -> (path, weight). Only a trailing number counts as a
-    weight, so drive letters and colons inside names stay part of the path."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def load_weighted(specs, unet_config=None) -> WeightedLoras:

@@ -17,11 +17,11 @@ from .batches import Batches, collate, encode_examples
 from .config import TrainConfig
 from .data import resolve_data, scan_folder
 from .errors import UserError
+from .layout import RunFolder
 from .optimizers import build_optimizer, parse_optim_args, takes_loss
+from .precision import weight_dtype
 from .progress import TrainProgress
-from .sdxl import add_lora, denoising_loss, encode_prompts, load_sdxl, text_encoder_lora_config, unet_lora_config
-
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .sdxl import add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run
 
 
 class TrainingStopped(UserError):
@@ -62,11 +62,7 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     named = {}
     for prefix, module in components.items():
         config = lora_files.lora_config_for(start, prefix) if start is not None else None
-        if config is None and prefix == "unet":
-            config = unet_lora_config(cfg.rank, cfg.effective_alpha, cfg.effective_conv_rank, cfg.effective_conv_alpha)
-        elif config is None:
-            config = text_encoder_lora_config(cfg.rank, cfg.effective_alpha)
-        add_lora(module, config)
+        add_lora(module, config or lora_config_for_run(cfg, prefix))
         named.update({f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
     if start is not None:
         lora_files.load_into_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None, start)
@@ -86,7 +82,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
     with progress.task("loading model"):
-        sdxl = load_sdxl(cfg.model, WEIGHT_DTYPES[cfg.mixed_precision])
+        sdxl = load_sdxl(cfg.model, weight_dtype(cfg.mixed_precision))
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
@@ -164,12 +160,12 @@ def optimizer_step(run: Run) -> float:
 def save(run: Run, data_state: dict | None = None, noise_state: torch.Tensor | None = None) -> Path:
     """A checkpoint of the run after ``run.step`` steps (by default: where it is now).
     Every process holds the same state; the main one writes it."""
-    folder = Path(run.cfg.output).expanduser() / "checkpoints" / f"step-{run.step:06d}"
+    folder = RunFolder(run.cfg.output)
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
-        return folder
+        return folder.checkpoint(run.step)
     return checkpoint.save_checkpoint(
-        Path(run.cfg.output).expanduser() / "checkpoints", step=run.step, named_params=run.named_params,
+        folder.checkpoints, step=run.step, named_params=run.named_params,
         optimizer=run.optimizer.optimizer, lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
         data_state=data_state or run.batches.state_dict(), noise_state=run.noise.get_state() if noise_state is None else noise_state,
         config=run.cfg.to_dict(), info={"versions": run.info["versions"]}, keep=run.cfg.keep_checkpoints)
@@ -187,7 +183,8 @@ def save_lora(run: Run, output: Path) -> dict:
 
 
 def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
-    output = Path(cfg.output).expanduser()
+    folder = RunFolder(cfg.output)
+    output = folder.root
     progress = TrainProgress(cfg.steps)
     run = prepare(cfg, resume, progress)
     progress.enabled(run.accelerator.is_local_main_process)
@@ -195,7 +192,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     run.info.update(config=cfg.to_dict(), started_at=time.time())
     main = run.accelerator.is_main_process
     if main:
-        report.write_json(output / "run.json", {**run.info, "status": "running"})
+        report.write_json(folder.run_json, {**run.info, "status": "running"})
 
     losses, emotion, first_step, started = [], [], run.step, time.perf_counter()
     with progress:
@@ -229,6 +226,6 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                "memory": report.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
                                               [run.sdxl.unet])}
     if main:
-        report.write_json(output / "run.json", summary)
+        report.write_json(folder.run_json, summary)
         progress.summary(summary)
     return summary

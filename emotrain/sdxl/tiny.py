@@ -9,13 +9,14 @@ It is written once as an ordinary diffusers folder and then loaded like any mode
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_path
+from ..cache import cache_root
+from .configs import load_config
 
 FORMAT_VERSION = 1
 TEXT_WIDTH = 32  # each text encoder's hidden size; the UNet's cross-attention sees 2x
@@ -87,8 +88,6 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .meta import load_config
-
     with tempfile.TemporaryDirectory() as tmp:
         vocab = _write_tokenizer(Path(tmp) / "tokenizer", "<|endoftext|>")
         _write_tokenizer(Path(tmp) / "tokenizer_2", "!")
@@ -110,11 +109,6 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
-
-
-def cache_root() -> Path:
-    root = os.environ.get("EMOTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emotrain"
-    return Path(root)
 
 
 def tiny_sdxl_path(seed: int = 0) -> Path:

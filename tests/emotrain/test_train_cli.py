@@ -27,11 +27,12 @@ def test_emo_optimizers_see_the_real_loss(tmp_path, optim, shadow):
         assert got == pytest.approx(torch.tanh(torch.tensor(5 * (short - long), dtype=torch.float64)).item(), abs=1e-9)
     assert run["config"]["optim"] == optim and run["config"]["shadow"] is shadow
     # The planner's figure for this LoRA is what the real loop allocated.
+    from emotrain.config import TrainConfig
     from emotrain.vram import plan
     state = torch.load(out / "checkpoints" / "step-000008" / "training_state.pt", weights_only=True)["optimizer"]
     has_shadow = any("shadow" in st for st in state["state"].values())
     assert has_shadow == shadow  # |s| passed 0.1 within 8 steps, so the shadow exists
-    planned = plan("tiny", rank=4, optims=optim, shadow=shadow)["optimizers"][optim + ("-shadow" if shadow else "")]
+    planned = plan(TrainConfig(model="tiny", rank=4), optim, shadow)["optimizers"][optim + ("-shadow" if shadow else "")]
     assert run["memory"]["optimizer_state_bytes"] == planned["state_bytes"]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from emotrain import vram
+from emotrain.config import TrainConfig
 from emotrain.optimizers import EMO, build_optimizer, takes_loss
 from emotrain.sdxl import add_lora, load_config, unet_lora_config
 from emotrain.sdxl.tiny import TINY_UNET
@@ -23,7 +24,7 @@ LOSSES = (1.0, 11.0)
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return vram.plan("tiny", rank=RANK)
+    return vram.plan(TrainConfig(model="tiny", rank=RANK), "all", "both")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_planned_state_equals_state_after_real_steps(tiny_plan, tiny_lora_params
 def test_measure_runs_real_training_steps():
     # Every optimizer's real steps are covered above; this is the forward/backward path,
     # with the loss jump that makes the shadow appear.
-    m = vram.measure("tiny", optims="emocats", shadow="on", steps=2, rank=RANK, resolution=32)
+    m = vram.measure(TrainConfig(model="tiny", rank=RANK, resolution=32, seed=0), "emocats", "on", steps=2)
     row = m["optimizers"]["emocats-shadow"]
     assert row["match"], row
     assert row["shadow_allocated_step"] == 2
@@ -68,7 +69,7 @@ def test_measure_runs_real_training_steps():
 
 
 def test_measure_reports_a_shadow_not_yet_allocated():
-    m = vram.measure("tiny", optims="emocats", shadow="on", steps=1, rank=4, resolution=32)
+    m = vram.measure(TrainConfig(model="tiny", rank=4, resolution=32, seed=0), "emocats", "on", steps=1)
     row = m["optimizers"]["emocats-shadow"]
     assert row["shadow_allocated_step"] is None and not row["match"]
     assert row["measured_state_bytes"] * 2 == row["planned_state_bytes"]
@@ -135,7 +136,7 @@ def test_sdxl_lora_count_matches_the_config_by_hand():
 
 def test_sdxl_planning_is_fast_and_exact():
     started = time.perf_counter()
-    p = vram.plan("sdxl", rank=8)  # every optimizer, shadow off and on
+    p = vram.plan(TrainConfig(model="sdxl", rank=8), "all", "both")  # every optimizer, shadow off and on
     assert time.perf_counter() - started < 30  # seconds, on a shared CPU
     assert (p["lora_params"], p["lora_tensors"], p["lora_modules"]) == (24_593_920, 1576, 788)
     assert p["lora_params"] == _expected_sdxl_lora(8, 8)[0]
@@ -152,7 +153,7 @@ def test_sdxl_planning_is_fast_and_exact():
 
 
 def test_sdxl_rank32_reference_is_the_published_85m():
-    p = vram.plan("sdxl", rank=32, optims="emocats", shadow="off")
+    p = vram.plan(TrainConfig(model="sdxl", rank=32), "emocats", "off")
     ref = p["reference"]
     assert ref["transformer_blocks_params"] == 85_114_880  # "about 85 M"
     assert round(ref["one_fp32_state_bytes_transformer_blocks"] / vram.MB) == 340  # "about 340 MB"
@@ -162,7 +163,7 @@ def test_sdxl_rank32_reference_is_the_published_85m():
 def test_sdxl_transformer_block_lora_reproduces_the_claim():
     # kohya's default UNet LoRA at rank 32: EmoSens one fp32 state above EmoCats, EmoAiry
     # almost one below (its factored state is d0 + d1 per matrix).
-    p = vram.plan("sdxl", rank=32, optims="emosens,emoairy,emocats", shadow="off", targets="transformer")
+    p = vram.plan(TrainConfig(model="sdxl", rank=32, targets="transformer"), "emosens,emoairy,emocats", "off")
     assert p["lora_params"] == 85_114_880
     rows = p["optimizers"]
     assert rows["emosens"]["delta_vs_emocats_bytes"] == 4 * 85_114_880
@@ -170,14 +171,14 @@ def test_sdxl_transformer_block_lora_reproduces_the_claim():
 
 
 def test_half_precision_halves_the_base_but_not_the_vae(tiny_plan):
-    half = vram.plan("tiny", rank=RANK, optims="emocats", shadow="off", mixed_precision="bf16")
+    half = vram.plan(TrainConfig(model="tiny", rank=RANK, mixed_precision="bf16"), "emocats", "off")
     full = tiny_plan["base_bytes_by_component"]
     assert half["base_bytes_by_component"]["vae"] == full["vae"]
     assert half["base_bytes_by_component"]["unet"] * 2 == full["unet"]
 
 
 def test_text_encoder_lora_counts(tiny_plan):
-    p = vram.plan("tiny", rank=RANK, optims="emocats", shadow="off", train_text_encoders=True)
+    p = vram.plan(TrainConfig(model="tiny", rank=RANK, train_text_encoders=True), "emocats", "off")
     comp = p["lora_params_by_component"]
     assert set(comp) == {"unet", "text_encoder", "text_encoder_2"}
     assert comp["unet"] == tiny_plan["lora_params"]

@@ -1,0 +1,36 @@
+"""What a run's output folder holds, named once (checkpoint.py, train.py and the
+commands all ask here; nothing else spells these paths)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+RUN_JSON = "run.json"
+CHECKPOINTS = "checkpoints"
+STEP_NAME = re.compile(r"^step-(\d{6,})$")
+# A checkpoint folder's files; checkpoint.json is written last and marks it complete.
+TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON = "trainable.safetensors", "training_state.pt", "checkpoint.json"
+CHECKPOINT_FILES = (TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+class RunFolder:
+    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``."""
+
+    def __init__(self, root):
+        self.root = Path(root).expanduser()
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / RUN_JSON
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / step_name(step)

@@ -1,0 +1,201 @@
+"""Every training option, declared once.
+
+An ``Option`` holds what all the places that deal with options need: its name and type,
+its default, the help line, the command-line spelling, the help-panel group, the checks
+on its value, and whether a resumed run may change it. ``TrainConfig`` (config.py), the
+``sdxl-lora`` and ``vram`` commands (cli.py), preset reading, the resume rule, run.json
+and the options table in docs/options.md are all built from ``OPTIONS``: adding an
+option means adding one entry here (and using it where it acts).
+
+Pure Python on purpose: the command line checks every value before torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .optimizers import NAMES as OPTIMIZER_NAMES
+from .precision import PRECISIONS
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# LoRA placements on the UNet. "transformer": sd-scripts' default LoRA (networks.lora
+# without conv_dim): the linear layers of the transformer blocks only. "full": sd-scripts
+# with conv_dim (LoCon): also the ResNets (3x3 convs, time-embedding projection, 1x1
+# shortcut) and the down/up-sampler convs.
+TARGETS = ("full", "transformer")
+
+# Help panels, in the order --help shows them.
+GROUPS = ("Model", "Data", "LoRA", "Optimizer", "Schedule", "Loss", "Precision and memory", "Checkpoints",
+          "Outputs")
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type  # bool, int, float, str or list (of strings)
+    default: Any
+    help: str
+    group: str
+    flag: str | None = None  # the command-line spelling when it is not --name-with-dashes
+    nullable: bool = False  # None is a value of its own ("derived from another option")
+    default_text: str | None = None  # what --help and the docs show as the default
+    choices: tuple[str, ...] | None = None
+    choice_word: str = ""  # "optimizer": an unknown value reads "unknown optimizer 'x'"
+    minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
+    positive: bool = False  # > 0
+    multiple_of: int | None = None
+    resumable: bool = False  # a resumed run may change it (anything else would break exactness)
+    memory: bool = False  # changes what `emotrain vram` plans
+    split: bool = False  # list items are also split shell-style ("a=1 b=2")
+    hint: str = ""  # appended to a rejected value's message: how to fix it
+
+    @property
+    def flags(self) -> str:
+        dashed = "--" + self.name.replace("_", "-")
+        if self.flag:
+            return self.flag
+        return f"{dashed}/--no-{dashed[2:]}" if self.type is bool else dashed
+
+    @property
+    def cli_name(self) -> str:
+        return self.flags.split("/")[0]
+
+    def shown_default(self) -> str:
+        if self.default_text is not None:
+            return self.default_text
+        if self.type is bool:
+            return "on" if self.default else "off"
+        if self.default is None or self.default == []:
+            return "-"
+        return str(self.default)
+
+    def problem(self, value) -> str | None:
+        """What is wrong with a well-typed value, or None."""
+        if value is None or self.type in (bool, list):
+            return None
+        if self.choices and value not in self.choices and not (self.name == "optim" and "." in value):
+            if self.choice_word:
+                extra = " or package.module.Class" if self.name == "optim" else ""
+                return f"unknown {self.choice_word} {value!r}: use one of {', '.join(self.choices)}{extra}"
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.type in (int, float):
+            if not math.isfinite(value):
+                return f"must be a finite number, got {value}"
+            if self.positive and not value > 0:
+                return f"must be positive, got {value}"
+            if self.multiple_of and value % self.multiple_of:
+                return f"must be a multiple of {self.multiple_of}, got {value}"
+            if self.minimum is not None and value < self.minimum:
+                return f"must be at least {_num(self.minimum)}, got {value}"
+            if self.maximum is not None and value > self.maximum:
+                return f"must be at most {_num(self.maximum)}, got {value}"
+        return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _o(*args, **kwargs) -> Option:
+    return Option(*args, **kwargs)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # -- model ---------------------------------------------------------------------------
+    _o("model", str, None, "Diffusers SDXL folder, hub repo id, single-file .safetensors, or 'tiny' (built in).",
+       "Model", memory=True),
+    _o("network_weights", str, None, "Start from an existing LoRA file (kohya or diffusers); its ranks win.",
+       "Model", memory=True),
+    _o("base_lora", list, [], "FILE[:WEIGHT] merged into the frozen base before training (repeatable).", "Model"),
+    # -- data ----------------------------------------------------------------------------
+    _o("data", str, None, "Folder of images with .txt captions (N_name sub-folders repeat N times), or 'demo'.",
+       "Data"),
+    _o("resolution", int, 1024, "Training resolution: buckets hold at most resolution^2 pixels.", "Data",
+       minimum=64, multiple_of=32, memory=True, hint="(the VAE and UNet scales)"),
+    _o("bucket", bool, True, "Aspect-ratio buckets; --no-bucket centre-crops every image to a square.", "Data"),
+    # -- LoRA ----------------------------------------------------------------------------
+    _o("targets", str, "full", "UNet layers with a LoRA: 'full' (attention, feed-forward, ResNets, samplers) "
+       "or 'transformer' (sd-scripts' default set: the transformer blocks only).", "LoRA",
+       choices=TARGETS, memory=True),
+    _o("rank", int, 16, "LoRA rank of linear layers and 1x1 convs.", "LoRA", minimum=1, memory=True),
+    _o("alpha", float, None, "LoRA alpha; the scale is alpha/rank.", "LoRA", nullable=True,
+       default_text="the rank", positive=True),
+    _o("conv_rank", int, None, "Rank of 3x3 convolutions; 0 leaves them out (full targets only).", "LoRA",
+       nullable=True, default_text="the rank", minimum=0, memory=True),
+    _o("conv_alpha", float, None, "Alpha of 3x3 convolutions.", "LoRA", nullable=True,
+       default_text="the alpha", positive=True),
+    _o("train_text_encoders", bool, False, "Give both text encoders a LoRA too.", "LoRA", memory=True),
+    # -- optimizer -----------------------------------------------------------------------
+    _o("optim", str, "emoairy", "emosens, emoairy, emocats, adamw, adamw8bit, adafactor, lion, or package.module.Class.",
+       "Optimizer", choices=OPTIMIZER_NAMES, choice_word="optimizer", memory=True),
+    _o("shadow", bool, False, "The Emo shadow-system (one parameter-sized buffer).", "Optimizer", memory=True),
+    _o("optim_args", list, [], "Optimizer keyword arguments key=value (repeatable, or several in one quoted string).",
+       "Optimizer", split=True, memory=True),
+    _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, hint="(the Emo family works well at 2e-4 to 4e-4)"),
+    _o("max_grad_norm", float, 1.0, "Gradient clipping norm; 0 turns clipping off.", "Optimizer", nullable=True,
+       minimum=0),
+    # -- schedule ------------------------------------------------------------------------
+    _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, resumable=True),
+    _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, memory=True),
+    _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1),
+    _o("lr_scheduler", str, "constant", "LR schedule.", "Schedule", choices=SCHEDULERS, choice_word="scheduler"),
+    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0),
+    _o("seed", int, 42, "Seed of the LoRA init, data order and noise.", "Schedule", minimum=0,
+       maximum=2**32 - 1),
+    # -- loss ----------------------------------------------------------------------------
+    _o("min_snr_gamma", float, None, "Min-SNR-gamma loss weighting (5 is usual).", "Loss", nullable=True,
+       positive=True),
+    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0),
+    # -- precision and memory ------------------------------------------------------------
+    _o("mixed_precision", str, "no", "Frozen weights and compute in no (fp32), fp16 or bf16; the LoRA stays fp32.",
+       "Precision and memory", choices=PRECISIONS, memory=True),
+    _o("gradient_checkpointing", bool, False, "Recompute activations in the backward pass: less memory, slower.",
+       "Precision and memory", memory=True),
+    # -- checkpoints ---------------------------------------------------------------------
+    _o("save_every", int, 0, "Write a checkpoint every N optimizer steps (0: only at the end).", "Checkpoints",
+       minimum=0, resumable=True),
+    _o("keep_checkpoints", int, 3, "Keep the newest K checkpoints.", "Checkpoints", minimum=1, resumable=True),
+    # -- outputs -------------------------------------------------------------------------
+    _o("output", str, "output", "Output folder.", "Outputs", resumable=True),
+)
+
+BY_NAME = {o.name: o for o in OPTIONS}
+assert all(o.group in GROUPS for o in OPTIONS)
+RESUMABLE = tuple(o.name for o in OPTIONS if o.resumable)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``path`` or ``path:weight`` -> (path, weight). Only a trailing number counts as a
+    weight, so drive letters and colons inside names stay part of the path."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def markdown_table() -> str:
+    """The options table of docs/options.md (a test keeps that file equal to this)."""
+    lines = ["# `emotrain sdxl-lora` options", "",
+             "Generated from `emotrain/options.py` (`python -m emotrain.options > docs/options.md`). "
+             "Every option can be set on the command line or in a preset (TOML key = the option name, "
+             "with `_` or `-`); the command line wins. *Resume* marks what `--resume` may change.", ""]
+    for group in GROUPS:
+        rows = [o for o in OPTIONS if o.group == group]
+        if not rows:
+            continue
+        lines += [f"## {group}", "", "| flag | TOML key | default | resume | what |", "|---|---|---|---|---|"]
+        for o in rows:
+            what = o.help + (f" One of: {', '.join(o.choices)}." if o.choices and o.name != "optim" else "")
+            lines.append(f"| `{o.flags}` | `{o.name}` | {o.shown_default()} | {'yes' if o.resumable else ''} | {what} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,170 @@
+"""The VRAM plan of a run, per optimizer, without loading a weight.
+
+The model is built on the meta device with the LoRA the run would train, each optimizer
+is constructed on those parameters and allocates its own state there (state.py), and the
+bytes are read back the way a real run's are: plan and measurement cannot drift apart
+when an optimizer changes its state layout.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import sdxl
+from ..errors import UserError
+from ..optimizers import EMO, NAMES, parse_optim_args
+from ..precision import weight_dtype
+from .state import planned_state_bytes
+
+MB = 1_000_000  # the published claim (340 MB for 85 M fp32 values) is in decimal megabytes
+ALL_OPTIMIZERS = NAMES
+REFERENCE = "emocats"  # the published figures are relative to EmoCats, shadow off
+SHADOW_CHOICES = ("off", "on", "both")
+
+
+def shadow_settings(shadow) -> tuple[bool, ...]:
+    """``"off"``/``"on"``/``"both"`` (or a bool) -> the shadow settings to plan for."""
+    if isinstance(shadow, bool):
+        return (shadow,)
+    if shadow not in SHADOW_CHOICES:
+        raise UserError(f"shadow must be one of {', '.join(SHADOW_CHOICES)}, got {shadow!r}")
+    return {"off": (False,), "on": (True,), "both": (False, True)}[shadow]
+
+
+def parse_optims(optims) -> list[str]:
+    """``"all"``, ``"emosens,adamw"`` or a list -> optimizer names, in the given order."""
+    if optims is None or optims == "all" or optims == ["all"]:
+        return list(ALL_OPTIMIZERS)
+    items = optims.split(",") if isinstance(optims, str) else list(optims)
+    names = []
+    for item in items:
+        for name in str(item).split(","):
+            name = name.strip()
+            if name == "all":
+                names.extend(n for n in ALL_OPTIMIZERS if n not in names)
+            elif name and name not in names:
+                names.append(name)
+    if not names:
+        raise UserError("no optimizer given: pass --optim all or a comma-separated list such as emosens,adamw")
+    return names
+
+
+def lora_parameters(modules: dict) -> list[torch.nn.Parameter]:
+    return [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+
+
+def _lora_breakdown(modules: dict) -> dict[str, dict]:
+    """LoRA parameters per layer kind, from the module names that carry a LoRA."""
+    out = {kind: {"modules": 0, "params": 0} for kind, _ in sdxl.LAYER_KINDS}
+    for component, module in modules.items():
+        for name, sub in module.named_modules():
+            if not hasattr(sub, "lora_A") or "default" not in getattr(sub, "lora_A", {}):
+                continue
+            n = sum(p.numel() for adapter in (sub.lora_A, sub.lora_B) for p in adapter.parameters())
+            entry = out.setdefault(sdxl.layer_kind(f"{component}.{name}" if component != "unet" else name),
+                                   {"modules": 0, "params": 0})
+            entry["modules"] += 1
+            entry["params"] += n
+    return {k: v for k, v in out.items() if v["modules"]}
+
+
+def _module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes of the frozen weights (and buffers) once cast to ``dtype``; LoRA excluded."""
+    total = 0
+    tensors = [t for n, t in module.named_parameters() if "lora_" not in n]
+    tensors += [t for n, t in module.named_buffers() if "lora_" not in n]
+    for t in tensors:
+        size = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+def base_weight_bytes(modules: dict, mixed_precision: str = "no") -> dict[str, int]:
+    """Frozen weights per component at the training precision; the VAE stays fp32,
+    as training keeps it (SDXL's VAE overflows in fp16)."""
+    dtype = weight_dtype(mixed_precision)
+    return {name: _module_bytes(m, torch.float32 if name == "vae" else dtype) for name, m in modules.items()}
+
+
+def row_key(name: str, shadow: bool) -> str:
+    return f"{name}-shadow" if shadow else name
+
+
+def plan_rows(names: list[str], shadows: tuple[bool, ...]) -> list[tuple[str, bool]]:
+    rows = []
+    for name in names:
+        if name in EMO:
+            rows.extend((name, s) for s in shadows)
+        else:
+            rows.append((name, False))
+    return rows
+
+
+def plan(cfg, optims=None, shadow=None) -> dict:
+    """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
+    optimizer state, gradients (fp32) and frozen base weights. ``optims`` (default: the
+    config's optimizer) and ``shadow`` (``"off"``/``"on"``/``"both"``, default: the
+    config's setting) widen it into a comparison table. The config's optimizer arguments
+    apply to every optimizer planned. Activations are not included: they depend on batch
+    size, resolution and checkpointing, and are the same for every optimizer.
+
+    ``total_bytes`` holds every frozen network (UNet, text encoders, VAE), as a trainer
+    that keeps them loaded needs; ``training_step_bytes`` holds only what emotrain's loop
+    keeps once latents and captions are cached: the UNet, and the text encoders when
+    they are trained."""
+    started = time.perf_counter()
+    rows = plan_rows(parse_optims(optims or cfg.optim), shadow_settings(cfg.shadow if shadow is None else shadow))
+    start = None
+    if cfg.network_weights:
+        from ..lora_files import load_lora_file
+        start = load_lora_file(cfg.network_weights)
+    modules = sdxl.meta_sdxl(cfg, start)
+    params = lora_parameters(modules)
+    lora_bytes = sum(p.numel() * p.element_size() for p in params)
+    grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
+    base = base_weight_bytes(modules, cfg.mixed_precision)
+    base_total = sum(base.values())
+    resident = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoders else ("unet",)
+    base_resident = sum(base[c] for c in resident)
+    args = parse_optim_args(cfg.optim_args)
+
+    states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args)
+              for name, s in dict.fromkeys(rows + [(REFERENCE, False)])}
+    reference_total = lora_bytes + grad_bytes + base_total + states[(REFERENCE, False)]
+    out_rows = {}
+    for name, s in rows:
+        state = states[(name, s)]
+        total = lora_bytes + state + grad_bytes + base_total
+        out_rows[row_key(name, s)] = {
+            "optimizer": name, "shadow": s, "lora_param_bytes": lora_bytes, "state_bytes": state,
+            "grad_bytes": grad_bytes, "base_bytes": base_total, "total_bytes": total,
+            "delta_vs_emocats_bytes": total - reference_total,
+            "training_step_bytes": total - base_total + base_resident,
+        }
+    breakdown = _lora_breakdown(modules)
+    by_component = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
+    attention = breakdown.get("attention", {}).get("params", 0)
+    transformer = sum(breakdown.get(k, {}).get("params", 0) for k in sdxl.TRANSFORMER_KINDS)
+    return {
+        "model": cfg.model or "sdxl", "rank": cfg.rank, "alpha": cfg.effective_alpha,
+        "conv_rank": cfg.effective_conv_rank if cfg.targets == "full" else 0, "conv_alpha": cfg.effective_conv_alpha,
+        "mixed_precision": cfg.mixed_precision, "train_text_encoders": cfg.train_text_encoders,
+        "targets": cfg.targets, "network_weights": cfg.network_weights,
+        "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
+        "lora_modules": sum(v["modules"] for v in breakdown.values()),
+        "lora_params_by_component": {k: v for k, v in by_component.items() if v},
+        "lora_params_by_layer": breakdown,
+        "base_bytes_by_component": base,
+        "resident_while_training": list(resident),
+        # Where the published "+-300 MB" comes from: one fp32 value per LoRA weight of the
+        # UNet's transformer blocks (kohya's default LoRA targets), at this rank.
+        "reference": {"optimizer": REFERENCE, "shadow": False, "total_bytes": reference_total,
+                      "attention_only_params": attention, "transformer_blocks_params": transformer,
+                      "one_fp32_state_bytes": lora_bytes,
+                      "one_fp32_state_bytes_transformer_blocks": transformer * 4},
+        "unit": "bytes", "mb": MB,
+        "optimizers": out_rows,
+        "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,109 @@
+"""The plan and the measurement as tables: rich for the terminal, Markdown for results files."""
+
+from __future__ import annotations
+
+import io
+
+from ..optimizers import DISPLAY
+from .plan import MB
+
+def _mb(n: int) -> str:
+    return f"{n / MB:,.1f}"
+
+
+def _delta(n: int) -> str:
+    return "0" if n == 0 else f"{n / MB:+,.1f}"
+
+
+def row_label(name: str, shadow: bool) -> str:
+    return DISPLAY.get(name, name) + (" + shadow" if shadow else "")
+
+
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def format_table(p: dict) -> str:
+    """The plan as a table (rich), with the LoRA breakdown and the published claim."""
+    from rich.table import Table
+
+    te = " + text-encoder LoRA" if p["train_text_encoders"] else ""
+    kind = (f"full-layer LoRA rank {p['rank']} (conv {p['conv_rank']})" if p.get("targets", "full") == "full"
+            else f"transformer-block LoRA rank {p['rank']}")
+    title = (f"VRAM plan: {p['model']}, {kind}{te}, "
+             f"{p['lora_params']:,} LoRA params, base weights {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}")
+    kept = " + ".join(p["resident_while_training"])
+    table = Table(title=title)
+    for col in ("Optimizer", "LoRA", "Opt. state", "Grads", "Base", "Total", "vs EmoCats", "Train step"):
+        table.add_column(col, justify="left" if col == "Optimizer" else "right", no_wrap=True)
+    for row in p["optimizers"].values():
+        table.add_row(row_label(row["optimizer"], row["shadow"]), _mb(row["lora_param_bytes"]), _mb(row["state_bytes"]),
+                      _mb(row["grad_bytes"]), _mb(row["base_bytes"]), _mb(row["total_bytes"]),
+                      _delta(row["delta_vs_emocats_bytes"]), _mb(row["training_step_bytes"]))
+    text = _render(table)
+    ref = p["reference"]
+    lines = [
+        "All in MB = 10^6 bytes. LoRA weights and gradients fp32. Base: UNet + both text encoders + VAE (VAE fp32).",
+        f"Train step: Total less what emotrain frees once latents and captions are cached (it keeps {kept}).",
+        "Not included: activations, CUDA context, allocator slack (the same for every optimizer).",
+        "LoRA parameters by layer kind:"]
+    for kind, v in p["lora_params_by_layer"].items():
+        lines.append(f"  {kind:34s} {v['modules']:5d} modules {v['params']:>14,} params")
+    if p["model"] == "tiny":
+        return text + "\n".join(lines) + "\n"
+    lines.append(
+        "Published claim (spec 10): a rank-32 LoRA on the attention layers, about 85 M params, one fp32 state "
+        "about 340 MB; EmoSens +1 state, EmoAiry about -1 state vs EmoCats.")
+    lines.append(
+        f"Here (rank {p['rank']}): transformer blocks (attention + feed-forward + proj_in/out, kohya's default "
+        f"UNet targets) {ref['transformer_blocks_params']:,} params = {_mb(ref['one_fp32_state_bytes_transformer_blocks'])} MB "
+        f"per fp32 state; attention projections alone {ref['attention_only_params']:,}; this LoRA "
+        f"{p['lora_params']:,} = {_mb(ref['one_fp32_state_bytes'])} MB per fp32 state.")
+    return text + "\n".join(lines) + "\n"
+
+
+def format_markdown(p: dict) -> str:
+    """The plan's table as Markdown, for results files."""
+    head = ("| Optimizer | LoRA params MB | Opt. state MB | Gradients MB | Base weights MB | Total MB "
+            "| vs EmoCats MB | Training step MB |")
+    lines = [head, "|---|" + "---:|" * 7]
+    for row in p["optimizers"].values():
+        lines.append(f"| {row_label(row['optimizer'], row['shadow'])} | {_mb(row['lora_param_bytes'])} | "
+                     f"{_mb(row['state_bytes'])} | {_mb(row['grad_bytes'])} | {_mb(row['base_bytes'])} | "
+                     f"{_mb(row['total_bytes'])} | {_delta(row['delta_vs_emocats_bytes'])} | "
+                     f"{_mb(row['training_step_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_measure(m: dict) -> str:
+    """Planned and measured optimizer state side by side."""
+    from rich.table import Table
+
+    table = Table(title=f"Planned vs measured optimizer state: {m['model']} on {m['device']}, rank {m['rank']}, "
+                        f"{m['steps']} steps, {m['lora_params']:,} LoRA params",
+                  caption="bytes exact; MB = 10^6 bytes")
+    cuda = any(r["cuda"] for r in m["optimizers"].values())
+    cols = ["Optimizer", "Planned state B", "Measured state B", "Match", "Shadow buffer"]
+    if cuda:
+        cols += ["Planned train step MB (no activations)", "CUDA peak alloc MB", "CUDA peak reserved MB"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("Optimizer", "Shadow buffer", "Match") else "right")
+    for key, r in m["optimizers"].items():
+        if not r["shadow"]:
+            sh = "-"
+        elif r["shadow_allocated_step"] is None:
+            sh = "NOT allocated yet (measured excludes it)"
+        else:
+            sh = f"allocated at step {r['shadow_allocated_step']}"
+        cells = [row_label(r["optimizer"], r["shadow"]), f"{r['planned_state_bytes']:,}",
+                 f"{r['measured_state_bytes']:,}", "yes" if r["match"] else "NO", sh]
+        if cuda:
+            c = r["cuda"] or {}
+            cells += [_mb(m["planned_train_step_bytes"][key]), _mb(c.get("peak_allocated_bytes", 0)),
+                      _mb(c.get("peak_reserved_bytes", 0))]
+        table.add_row(*cells)
+    return _render(table) + f"Peak RSS of this process: {_mb(m['peak_rss_bytes'])} MB\n"
