@@ -1,5 +1,5 @@
 """The Emo optimizer family (EmoSens, EmoAiry, EmoCats), v2.0 as fixed by
-shared/spec/emo-family-v2.md. torch only."""
+optim/SPEC.md (cited in the code as "spec N" / "§N"). torch only."""
 
 from ._emotion import Emotion
 from .emoairy import EmoAiry

@@ -1,6 +1,6 @@
 """What the Emo family shares: emotion state, shadow-system, filter threshold, calm signal.
 
-Spec: shared/spec/emo-family-v2.md, sections 1, 2, 3 and 7. Everything here is plain
+Spec: optim/SPEC.md, sections 1, 2, 3 and 7. Everything here is plain
 Python floats: the emotion state is one scalar pipeline per optimizer, not per tensor.
 """
 

@@ -16,7 +16,7 @@ def _factor_means(sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def emoairy_update(p: torch.Tensor, g: torch.Tensor, st: dict, hp: StepScalars) -> None:
-    """The rule for one tensor, as the spec writes it."""
+    """The rule for one tensor, as optim/SPEC.md writes it."""
     if g.dim() >= 2:
         R, C = _factor_means(g * g)
         R, C = R + hp.eps, C + hp.eps
@@ -118,7 +118,7 @@ EMOAIRY(double, f64, sqrt)
 
 
 class EmoAiry(EmoOptimizer):
-    """Adafactor-like member of the Emo family (see shared/spec/emo-family-v2.md, section 5)."""
+    """Adafactor-like member of the Emo family (see optim/SPEC.md, section 5)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, use_shadow: bool = False, *,

@@ -16,7 +16,7 @@ def _decay(hp: StepScalars) -> float:
 
 def emocats_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
                    hp: StepScalars) -> None:
-    """The rule for one tensor, as the spec writes it."""
+    """The rule for one tensor, as optim/SPEC.md writes it."""
     mask = g.abs() >= hp.thr3  # |g| ** (1/3) >= thr
     # p * (1 - lr * wd_eff), written as p - (lr * wd_eff) p: the factor 1 - 1e-5 would be
     # rounded to float32 and bias every step by up to 6e-8 * p.
@@ -73,7 +73,7 @@ def emocats_fused(ps, gs, exp_avgs, hp: StepScalars) -> None:
 
 
 class EmoCats(EmoOptimizer):
-    """Lion-like member of the Emo family (see shared/spec/emo-family-v2.md, section 6)."""
+    """Lion-like member of the Emo family (see optim/SPEC.md, section 6)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.01, decoupled_weight_decay: bool = False,

@@ -10,7 +10,7 @@ from ._base import EmoOptimizer, StepScalars, masked_indices
 
 def emosens_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
                    exp_avg_sq: torch.Tensor, hp: StepScalars) -> None:
-    """The rule for one tensor, as the spec writes it."""
+    """The rule for one tensor, as optim/SPEC.md writes it."""
     exp_avg.mul_(hp.beta1).add_(g, alpha=1 - hp.beta1)
     exp_avg_sq.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
     u = exp_avg / (exp_avg_sq.sqrt() + hp.eps)
@@ -76,7 +76,7 @@ def emosens_fused(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
 
 
 class EmoSens(EmoOptimizer):
-    """Adam-like member of the Emo family (see shared/spec/emo-family-v2.md, section 4)."""
+    """Adam-like member of the Emo family (see optim/SPEC.md, section 4)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, use_shadow: bool = False, *,

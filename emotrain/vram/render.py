@@ -56,8 +56,8 @@ def format_table(p: dict) -> str:
     if p["model"] == "tiny":
         return text + "\n".join(lines) + "\n"
     lines.append(
-        "Published claim (spec 10): a rank-32 LoRA on the attention layers, about 85 M params, one fp32 state "
-        "about 340 MB; EmoSens +1 state, EmoAiry about -1 state vs EmoCats.")
+        "Published claim (optim/SPEC.md section 10): a rank-32 LoRA on the attention layers, about 85 M params, "
+        "one fp32 state about 340 MB; EmoSens +1 state, EmoAiry about -1 state vs EmoCats.")
     lines.append(
         f"Here (rank {p['rank']}): transformer blocks (attention + feed-forward + proj_in/out, kohya's default "
         f"UNet targets) {ref['transformer_blocks_params']:,} params = {_mb(ref['one_fp32_state_bytes_transformer_blocks'])} MB "

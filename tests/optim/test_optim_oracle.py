@@ -1,8 +1,8 @@
-"""An independent, deliberately naive transcription of shared/spec/emo-family-v2.md.
+"""An independent, deliberately naive transcription of optim/SPEC.md.
 
-It imports nothing from optim/: every formula is copied from the spec, one tensor and one
+It imports nothing from optim/: every formula is copied from SPEC.md, one tensor and one
 element-wise expression at a time, so that the package's fast paths can be checked
-against it. The tests in this file check the oracle itself against the numbers the spec
+against it. The tests in this file check the oracle itself against the numbers SPEC.md
 quotes (section 11), so a mistake in the oracle cannot silently agree with the package.
 """
 
@@ -138,7 +138,7 @@ class Oracle:
         return p
 
 
-# ---- the oracle against the numbers the spec quotes --------------------------------
+# ---- the oracle against the numbers optim/SPEC.md quotes (section 11) -------------
 
 def _emosens_steps_constant_grad(n):
     o = Oracle("emosens", [torch.zeros(1, dtype=torch.float64)], lr=1.0, weight_decay=0.0)
