@@ -71,13 +71,12 @@ def _component_configs(model: str) -> dict:
         raise UserError(f"cannot read the model configs in {folder} ({exc})".splitlines()[0]) from None
 
 
-def meta_sdxl(cfg, start=None) -> dict:
-    """UNet, both text encoders and VAE on the meta device with the LoRA ``cfg`` trains
-    (``start``: the LoRA file of --network-weights, whose ranks and targets win)."""
+def meta_sdxl(cfg, lora_configs: dict | None = None) -> dict:
+    """UNet, both text encoders and VAE on the meta device with the LoRA ``cfg`` trains.
+    ``lora_configs``: component -> peft config where it is given (the LoRA file of
+    --network-weights, whose ranks and targets win)."""
     import transformers
     from diffusers import AutoencoderKL
-
-    from ..lora_files import lora_config_for
 
     model = cfg.model or "sdxl"
     configs = _component_configs(model)
@@ -91,8 +90,7 @@ def meta_sdxl(cfg, start=None) -> dict:
             if name == "vae" or (name != "unet" and not cfg.train_text_encoders):
                 continue
             # As training does: the file's LoRA where it has one, else a fresh one.
-            config = lora_config_for(start, name) if start is not None else None
-            add_lora(module, config or lora_config_for_run(cfg, name))
+            add_lora(module, (lora_configs or {}).get(name) or lora_config_for_run(cfg, name))
     return modules
 
 

@@ -11,7 +11,7 @@ import torch
 from .. import sdxl
 from ..optimizers import build_optimizer, parse_optim_args, takes_loss
 from ..precision import weight_dtype
-from .plan import parse_optims, plan, plan_rows, row_key, shadow_settings
+from .plan import network_lora_configs, parse_optims, plan, plan_rows, row_key, shadow_settings
 from .state import measure_state_bytes
 
 # Loss added to what the optimizer is told on step 2 of a shadow-on measurement: the
@@ -75,11 +75,8 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
 
     planned = plan(cfg.replace(train_text_encoders=False), names, shadow)
     torch.manual_seed(cfg.seed)
-    lora_config = None
-    if cfg.network_weights:  # the file's LoRA, as training and the plan use it
-        from ..lora_files import load_lora_file, lora_config_for
-        lora_config = lora_config_for(load_lora_file(cfg.network_weights), "unet")
-    unet = sdxl.random_lora_unet(model, lora_config or sdxl.lora_config_for_run(cfg), device, dtype)
+    lora_config = network_lora_configs(cfg).get("unet") or sdxl.lora_config_for_run(cfg)
+    unet = sdxl.random_lora_unet(model, lora_config, device, dtype)
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -102,6 +102,15 @@ def plan_rows(names: list[str], shadows: tuple[bool, ...]) -> list[tuple[str, bo
     return rows
 
 
+def network_lora_configs(cfg) -> dict:
+    """The peft configs of --network-weights per component (its ranks and targets win)."""
+    if not cfg.network_weights:
+        return {}
+    from ..lora_files import load_lora_file, lora_config_for
+    start = load_lora_file(cfg.network_weights)
+    return {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")}
+
+
 def plan(cfg, optims=None, shadow=None) -> dict:
     """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
     optimizer state, gradients (fp32) and frozen base weights. ``optims`` (default: the
@@ -116,11 +125,7 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     they are trained."""
     started = time.perf_counter()
     rows = plan_rows(parse_optims(optims or cfg.optim), shadow_settings(cfg.shadow if shadow is None else shadow))
-    start = None
-    if cfg.network_weights:
-        from ..lora_files import load_lora_file
-        start = load_lora_file(cfg.network_weights)
-    modules = sdxl.meta_sdxl(cfg, start)
+    modules = sdxl.meta_sdxl(cfg, network_lora_configs(cfg))
     params = lora_parameters(modules)
     lora_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights

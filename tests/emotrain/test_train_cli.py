@@ -54,6 +54,8 @@ def test_run_writes_everything(tmp_path):
     for key in ("config", "versions", "model_source", "memory", "seconds", "steps_per_second", "losses"):
         assert key in run
     assert run["status"] == "finished" and run["config"]["rank"] == 4
+    from emotrain.options import OPTIONS
+    assert list(run["config"]) == [o.name for o in OPTIONS]  # every option, from the one declaration
     assert run["memory"]["process_peak_rss_bytes"] > 0
     assert (out / "lora.safetensors").is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
     with safe_open(str(out / "lora.safetensors"), "pt") as f:
@@ -200,3 +202,11 @@ def test_text_encoder_training(tmp_path, tiny_path):
     pipe.load_lora_weights(str(out))
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         assert sum(1 for n, _ in encoder.named_modules() if n.endswith(".lora_A")) == 18
+
+
+def test_transformer_targets_train_sd_scripts_default_set(tmp_path):
+    out = tmp_path / "run"
+    train(out, "--targets", "transformer", "--steps", "1")
+    bases = {k.split(".")[0] for k in load_file(out / "lora.safetensors")}
+    assert bases and all("_transformer_blocks_" in b or b.endswith(("_proj_in", "_proj_out")) for b in bases)
+    assert len(bases) == run_json(out)["lora_tensors"] // 2

@@ -224,3 +224,34 @@ def test_memory_reports():
     assert vram.process_peak_rss_bytes() > 10 * 2**20
     report = vram.cuda_memory_report()
     assert report is None if not torch.cuda.is_available() else report["peak_reserved_bytes"] >= 0
+
+
+@pytest.mark.parametrize("targets,modules,params", [("transformer", 722, 85_114_880), ("full", 788, 98_375_680)])
+def test_sdxl_target_sets_at_rank_32(targets, modules, params):
+    # transformer: exactly what sd-scripts trains without conv_dim; full: with conv_dim.
+    p = vram.plan(TrainConfig(model="sdxl", rank=32, targets=targets), "emocats", "off")
+    assert (p["lora_modules"], p["lora_params"]) == (modules, params)
+    kinds = set(p["lora_params_by_layer"])
+    assert (kinds == {"attention", "feed-forward", "transformer proj_in/out"}) == (targets == "transformer")
+
+
+def test_conv_rank_zero_keeps_the_resnet_linears():
+    p = vram.plan(TrainConfig(model="sdxl", rank=32, conv_rank=0), "emocats", "off")
+    layers = p["lora_params_by_layer"]
+    assert p["lora_modules"] == 722 + 17 + 11  # transformer blocks + time_emb_proj + 1x1 shortcuts
+    assert layers["resnet shortcut + time_emb_proj"]["modules"] == 28
+    assert "resnet conv1/conv2" not in layers and "down/up-sampler conv" not in layers
+
+
+def test_vram_plans_the_preset_run():
+    from helpers import run_cli
+    by_preset = json.loads(run_cli("vram", "--preset", "emoairy", "--json").output)
+    by_flags = json.loads(run_cli("vram", "--model", "sdxl", "--rank", "32", "--alpha", "16", "--conv-rank", "8",
+                                  "--conv-alpha", "4", "--optim", "emoairy", "--no-shadow", "--mixed-precision", "bf16",
+                                  "--json").output)
+    by_preset.pop("seconds"), by_flags.pop("seconds")
+    assert by_preset == by_flags and list(by_preset["optimizers"]) == ["emoairy"]
+    assert by_preset["mixed_precision"] == "bf16" and by_preset["conv_rank"] == 8
+    wider = json.loads(run_cli("vram", "--preset", "emoairy", "--rank", "64", "--optim", "all", "--both",
+                               "--json").output)
+    assert wider["rank"] == 64 and len(wider["optimizers"]) == 10
