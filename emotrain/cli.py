@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
+from .formats import FORMATS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train SDXL full-layer LoRAs with the Emo optimizer family (EmoSens, EmoAiry, EmoCats).")
@@ -92,9 +93,8 @@ def presets():
                    f"rank={table.get('rank', '')} lr={table.get('lr', '')}")
 
 
-class LoraFormat(str, Enum):
-    kohya = "kohya"
-    diffusers = "diffusers"
+LoraFormat = Enum("LoraFormat", {name: name for name in FORMATS}, type=str)  # the registry's names
+FORMAT_HELP = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
 
 
 @app.command("vram")
@@ -144,7 +144,7 @@ def merge(
     model: Optional[str] = typer.Option(None, help="Bake the LoRAs into this SDXL model (folder, hub id, file, tiny)."),
     rank: Optional[int] = typer.Option(None, help="Re-factor the combined LoRA to this rank by SVD (default: exact)."),
     conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions with --rank (default: --rank)."),
-    to: LoraFormat = typer.Option(LoraFormat.kohya, help="Format of a combined LoRA file."),
+    to: LoraFormat = typer.Option(LoraFormat["kohya"], help=f"Format of a combined LoRA file ({FORMAT_HELP})."),
 ):
     """Stack LoRAs: bake them into a base model, or combine them into one LoRA."""
     from .commands import run_merge
@@ -156,11 +156,11 @@ def merge(
 
 @app.command("convert")
 def convert(
-    src: str = typer.Argument(..., help="A LoRA file (kohya or diffusers)."),
+    src: str = typer.Argument(..., help=f"A LoRA file ({' or '.join(FORMATS)})."),
     dst: str = typer.Argument(..., help="Where to write it."),
-    to: LoraFormat = typer.Option(..., help="Target format."),
+    to: LoraFormat = typer.Option(..., help=f"Target format ({FORMAT_HELP})."),
 ):
-    """Convert a LoRA between kohya (ComfyUI/A1111) and diffusers formats."""
+    """Convert a LoRA file to another format (a DST without .safetensors is a folder)."""
     from .commands import run_convert
     try:
         typer.echo(run_convert(src, dst, to.value))

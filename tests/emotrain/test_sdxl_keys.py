@@ -8,11 +8,14 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from emotrain import sdxl
 from emotrain.errors import UserError
+from emotrain.formats import load_lora_file
 from emotrain.sdxl.lora import TEXT_TARGETS, UNET_TARGETS
 from emotrain.sdxl.tiny import TINY_UNET
+from helpers import run_cli, train
 
 
 def flat(name: str) -> str:
@@ -91,3 +94,40 @@ def test_made_up_names_are_refused(key):
         sdxl.module_from_kohya(key)
     message = str(info.value)
     assert key in message and "another model architecture" in message and "\n" not in message
+
+
+@pytest.fixture
+def sd15_file(tmp_path):
+    """An SD 1.5-style kohya LoRA: diffusers-named UNet keys for a module SDXL lacks, and a
+    single text encoder (lora_te_) with a layer CLIP-L does not have, 768 wide."""
+    tensors = {}
+    for base, width in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 320),
+                        ("lora_te_text_model_encoder_layers_20_self_attn_q_proj", 768)):
+        tensors.update({f"{base}.lora_down.weight": torch.zeros(4, width), f"{base}.lora_up.weight": torch.zeros(width, 4),
+                        f"{base}.alpha": torch.tensor(4.0)})
+    save_file(tensors, tmp_path / "sd15.safetensors")
+    return tmp_path / "sd15.safetensors"
+
+
+def test_sd15_file_refused_on_load(sd15_file):
+    with pytest.raises(UserError, match=r"sd15\.safetensors: lora_\w+ is not a module of the SDXL .*another model "
+                                        r"architecture"):
+        load_lora_file(sd15_file)
+
+
+def one_line(result) -> str:
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_sd15_file_refused_for_merging_and_training(sd15_file, tmp_path):
+    for args in (("merge", "--model", "tiny", "--lora", f"{sd15_file}:0.5", "--output", tmp_path / "m"),
+                 ("merge", "--lora", sd15_file, "--lora", sd15_file, "--output", tmp_path / "c.safetensors")):
+        assert "another model architecture" in one_line(run_cli(*args, expect=2))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c.safetensors").exists()
+    for flag in ("--network-weights", "--base-lora"):
+        out = tmp_path / flag.strip("-")
+        line = one_line(train(out, flag, sd15_file, "--steps", "1", expect=2))
+        assert "sd15.safetensors" in line and "another model architecture" in line
+        assert not (out / "lora.safetensors").exists()
