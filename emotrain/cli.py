@@ -19,6 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from .errors import UserError
 from .options import OPTIONS, Option
+from .formats import FORMATS
 
 MAX_HELP_WIDTH = 100
 # click's exception classes, wherever this typer takes click from (newer ones vendor it).
@@ -183,9 +184,8 @@ def vram(**values):
         _fail(exc)
 
 
-class LoraFormat(str, Enum):
-    kohya = "kohya"
-    diffusers = "diffusers"
+LoraFormat = Enum("LoraFormat", {name: name for name in FORMATS}, type=str)  # the registry's names
+FORMAT_HELP = "; ".join(f"{f.name}: {f.description}" for f in FORMATS.values())
 
 
 @app.command("merge")
@@ -195,7 +195,7 @@ def merge(
     model: Optional[str] = typer.Option(None, help="Bake the LoRAs into this SDXL model (folder, hub id, file, tiny)."),
     rank: Optional[int] = typer.Option(None, help="Re-factor the combined LoRA to this rank by SVD (default: exact)."),
     conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions with --rank (default: --rank)."),
-    to: LoraFormat = typer.Option(LoraFormat.kohya, help="Format of a combined LoRA file."),
+    to: LoraFormat = typer.Option(LoraFormat["kohya"], help=f"Format of a combined LoRA file ({FORMAT_HELP})."),
 ):
     """Stack LoRAs: bake them into a base model, or combine them into one LoRA."""
     from .commands import run_merge
@@ -207,11 +207,11 @@ def merge(
 
 @app.command("convert")
 def convert(
-    src: str = typer.Argument(..., help="A LoRA file (kohya or diffusers)."),
+    src: str = typer.Argument(..., help=f"A LoRA file ({' or '.join(FORMATS)})."),
     dst: str = typer.Argument(..., help="Where to write it."),
-    to: LoraFormat = typer.Option(..., help="Target format."),
+    to: LoraFormat = typer.Option(..., help=f"Target format ({FORMAT_HELP})."),
 ):
-    """Convert a LoRA between kohya (ComfyUI/A1111) and diffusers formats."""
+    """Convert a LoRA file to another format (a DST without .safetensors is a folder)."""
     from .commands import run_convert
     try:
         typer.echo(run_convert(src, dst, to.value))

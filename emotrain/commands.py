@@ -76,7 +76,7 @@ def run_merge(loras: list[str], output: str, model: str | None = None, rank: int
               conv_rank: int | None = None, to: str = "kohya") -> str:
     """With a model: bake the weighted LoRAs into it and write a diffusers SDXL folder.
     Without: combine them into one LoRA file (exactly, or by SVD to ``rank``)."""
-    from .lora_files import save_lora_file
+    from .formats import save_lora_file
     from .stacking import combine, load_weighted, save_merged_pipeline
 
     if not loras:
@@ -93,5 +93,5 @@ def run_merge(loras: list[str], output: str, model: str | None = None, rank: int
 
 
 def run_convert(src: str, dst: str, to: str) -> str:
-    from .stacking import convert
+    from .formats import convert
     return f"wrote {convert(src, dst, to=to)}"

@@ -1,5 +1,4 @@
-"""Stacking LoRAs: baking them into a model, combining them into one LoRA, converting
-between file formats.
+"""Stacking LoRAs: baking them into a model, and combining several into one LoRA.
 
 A LoRA's change to a weight is ``weight * alpha/rank * up @ down`` (for convolutions,
 over the flattened in-channel x kernel axis: a 1x1 conv after a kxk conv is one kxk
@@ -18,9 +17,8 @@ import torch
 from .atomic import atomic_path
 from .errors import UserError
 from .options import parse_lora_spec
-from .lora_files import (
-    COMPONENTS, TEXT_MODEL, LoraModule, LoraWeights, load_lora_file, save_diffusers, save_kohya,
-)
+from .formats import load_lora_file
+from .formats.weights import LoraModule, LoraWeights
 
 WeightedLoras = list[tuple[LoraWeights, float]]
 
@@ -41,38 +39,13 @@ def load_weighted(specs, unet_config=None) -> WeightedLoras:
 # into the base weights
 
 
-def _targets(model_or_parts) -> dict[str, torch.nn.Module | None]:
-    if hasattr(model_or_parts, "unet") and hasattr(model_or_parts, "text_encoder_2"):
-        unet, tes = model_or_parts.unet, (model_or_parts.text_encoder, model_or_parts.text_encoder_2)
-    else:
-        unet, tes = model_or_parts
-    tes = list(tes or ())
-    tes += [None] * (2 - len(tes))
-    return {"unet": unet, "text_encoder": tes[0], "text_encoder_2": tes[1]}
-
-
-def _base_weight(model: torch.nn.Module, component: str, name: str) -> torch.nn.Parameter:
-    path = name
-    if component != "unet" and not hasattr(model, "text_model"):
-        path = name.removeprefix(TEXT_MODEL)
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        module = None
-    # A peft-injected layer keeps the original in base_layer; the delta belongs there.
-    module = getattr(module, "base_layer", module)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise UserError(f"the LoRA has {component}.{name}, which this model does not have: "
-                        "the LoRA was made for another model architecture")
-    return weight
-
-
 @torch.no_grad()
 def merge_into_base(model, loras: WeightedLoras) -> None:
     """Add ``weight * delta`` of every LoRA to the base weights, in place. ``model`` is an
     SDXL (emotrain.sdxl.SDXL or a pipeline) or a (unet, text_encoders) pair."""
-    targets = _targets(model)
+    from . import sdxl  # here: importing the SDXL package costs seconds, and config imports this module
+
+    targets = sdxl.component_models(model)
     updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for weights, scale in loras:
         for full, m in weights.modules.items():
@@ -80,7 +53,7 @@ def merge_into_base(model, loras: WeightedLoras) -> None:
             target = targets.get(component)
             if target is None:
                 raise UserError(f"the LoRA has {full} but no {component} was given to merge it into")
-            weight = _base_weight(target, component, name)
+            weight = sdxl.base_weight(target, component, name)
             delta = m.delta(torch.float32)
             if tuple(delta.shape) != tuple(weight.shape):
                 raise UserError(f"{full}: the LoRA changes a {tuple(delta.shape)} weight, the model's is "
@@ -103,7 +76,7 @@ def save_merged_pipeline(model_source: str, loras: WeightedLoras, output_dir, dt
     """Load ``model_source`` (anything --model accepts), bake ``loras`` in and write a
     diffusers SDXL folder. Written next to ``output_dir`` under a temporary name and
     renamed into place, so a crash never leaves half a model under the real name."""
-    from .sdxl.model import load_pipeline
+    from .sdxl import load_pipeline
 
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
@@ -157,7 +130,9 @@ def _parts(loras: WeightedLoras) -> dict[str, list[tuple[LoraModule, float]]]:
         if len(shapes) > 1:
             raise UserError(f"{name} has different shapes in the LoRAs being combined ({sorted(shapes)}): "
                             "they were made for different models")
-    order = {c: i for i, c in enumerate(COMPONENTS)}
+    from . import sdxl
+
+    order = {c: i for i, c in enumerate(sdxl.COMPONENTS)}
     return dict(sorted(by_module.items(), key=lambda kv: (order[kv[0].split(".", 1)[0]], kv[0])))
 
 
@@ -223,21 +198,3 @@ def _refactor(up: torch.Tensor, down: torch.Tensor, rank: int):
     new_up = new_up.float().reshape(out, keep, *up.shape[2:]).contiguous()
     new_down = new_down.float().reshape(keep, *down.shape[1:]).contiguous()
     return new_up, new_down, lost, total
-
-
-# --------------------------------------------------------------------------------------
-# formats
-
-
-def convert(in_path, out_path, to: str = "kohya", unet_config=None, dtype: torch.dtype | None = None) -> Path:
-    """Rewrite a LoRA file in the other format, keeping its training metadata. For
-    ``diffusers`` a path without .safetensors is a folder."""
-    weights = load_lora_file(in_path, unet_config)
-    if to == "kohya":
-        out_path = Path(out_path).expanduser()
-        if out_path.suffix != ".safetensors":
-            raise UserError(f"kohya output {out_path} must be a .safetensors file name")
-        return save_kohya(out_path, weights, unet_config=unet_config, dtype=dtype)
-    if to == "diffusers":
-        return save_diffusers(out_path, weights, dtype=dtype)
-    raise UserError(f"unknown LoRA format {to!r}: use 'kohya' or 'diffusers'")

@@ -12,12 +12,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 
-from . import checkpoint, lora_files, report
+from . import checkpoint, report
 from .batches import Batches, collate, encode_examples
 from .config import TrainConfig
 from .data import resolve_data, scan_folder
 from .errors import UserError
 from .layout import RunFolder
+from .formats import FORMATS, load_lora_file
+from .formats.model import load_into_model, lora_config_for, lora_weights_from_model
 from .optimizers import build_optimizer, parse_optim_args, takes_loss
 from .precision import weight_dtype
 from .progress import TrainProgress
@@ -55,17 +57,17 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     if cfg.base_lora:
         from .stacking import apply_base_loras, load_weighted
         apply_base_loras(sdxl.unet, sdxl.text_encoders, load_weighted(cfg.base_lora, sdxl.unet.config))
-    start = lora_files.load_lora_file(cfg.network_weights) if cfg.network_weights else None
+    start = load_lora_file(cfg.network_weights) if cfg.network_weights else None
     components = {"unet": sdxl.unet}
     if cfg.train_text_encoders:
         components.update(text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2)
     named = {}
     for prefix, module in components.items():
-        config = lora_files.lora_config_for(start, prefix) if start is not None else None
+        config = lora_config_for(start, prefix) if start is not None else None
         add_lora(module, config or lora_config_for_run(cfg, prefix))
         named.update({f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
     if start is not None:
-        lora_files.load_into_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None, start)
+        load_into_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None, start)
     if cfg.gradient_checkpointing:
         sdxl.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoders:
@@ -172,14 +174,13 @@ def save(run: Run, data_state: dict | None = None, noise_state: torch.Tensor | N
 
 
 def save_lora(run: Run, output: Path) -> dict:
+    """The trained LoRA in every registered format, each under the format's file name."""
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
-    weights = lora_files.lora_weights_from_model(sdxl.unet, text_encoders)
+    weights = lora_weights_from_model(sdxl.unet, text_encoders)
     metadata = report.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
-    files = {"kohya": output / "lora.safetensors", "diffusers": output / "pytorch_lora_weights.safetensors"}
-    lora_files.save_kohya(files["kohya"], weights, metadata, unet_config=sdxl.unet.config)
-    lora_files.save_diffusers(files["diffusers"], weights, metadata)
-    return {k: str(v) for k, v in files.items()}
+    return {name: str(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
+            for name, fmt in FORMATS.items()}
 
 
 def train(cfg: TrainConfig, resume: Path | None = None) -> dict:

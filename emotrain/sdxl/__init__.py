@@ -15,3 +15,9 @@ from .lora import (LAYER_KINDS, TRANSFORMER_KINDS, add_lora, is_conv3x3_target, 
 from .meta import meta_lora_unet, meta_sdxl, meta_unet, random_lora_unet, unet_config
 from .model import SDXL, load_pipeline, load_sdxl, resolve_model
 from .tiny import tiny_sdxl_path
+from .sgm import sgm_block_table, unet_name_from_sgm, unet_name_to_sgm
+from .keys import (
+    COMPONENTS, KOHYA_ARCHITECTURE, KOHYA_PREFIXES, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_MODEL, UNET, canonical_name,
+    flat_names, kohya_name, module_from_kohya, name_from_model, peft_target, processor_module, unflatten,
+)
+from .parts import base_weight, component_models

@@ -106,7 +106,8 @@ def network_lora_configs(cfg) -> dict:
     """The peft configs of --network-weights per component (its ranks and targets win)."""
     if not cfg.network_weights:
         return {}
-    from ..lora_files import load_lora_file, lora_config_for
+    from ..formats import load_lora_file
+    from ..formats.model import lora_config_for
     start = load_lora_file(cfg.network_weights)
     return {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")}
 

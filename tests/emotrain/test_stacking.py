@@ -10,14 +10,11 @@ import torch
 
 from emotrain.errors import UserError
 from helpers import unet_output
-from emotrain.lora_files import (
-    LoraWeights, load_into_model, load_lora_file, lora_config_for, lora_weights_from_model, save_diffusers,
-    save_kohya,
-)
+from emotrain.formats import convert, load_lora_file, save_lora_file
+from emotrain.formats.model import load_into_model, lora_config_for, lora_weights_from_model
+from emotrain.formats.weights import LoraWeights
 from emotrain.sdxl import add_lora, load_sdxl, text_encoder_lora_config, tiny_sdxl_path, unet_lora_config
-from emotrain.stacking import (
-    apply_base_loras, combine, convert, merge_into_base, parse_lora_spec, save_merged_pipeline,
-)
+from emotrain.stacking import apply_base_loras, combine, merge_into_base, parse_lora_spec, save_merged_pipeline
 
 WA, WB = 0.7, -0.4
 
@@ -68,7 +65,8 @@ def lora_b() -> LoraWeights:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, lora_a, lora_b):
     root = tmp_path_factory.mktemp("loras")
-    return {"a": save_kohya(root / "a.safetensors", lora_a), "b": save_diffusers(root / "b", lora_b)}
+    return {"a": save_lora_file(root / "a.safetensors", lora_a, "kohya"),
+            "b": save_lora_file(root / "b", lora_b, "diffusers")}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +146,7 @@ def test_exact_combine_equals_the_sum(merged, lora_a, lora_b, tmp_path):
     assert (te_output(model.text_encoder) - te_output(merged.text_encoder)).abs().max() <= 1e-4
     # and it survives a file round trip through diffusers
     pipe = fresh_pipe()
-    pipe.load_lora_weights(save_diffusers(tmp_path / "c.safetensors", combined).parent,
+    pipe.load_lora_weights(save_lora_file(tmp_path / "c.safetensors", combined, "diffusers").parent,
                            weight_name="c.safetensors")
     assert (unet_output(pipe.unet) - unet_output(merged.unet)).abs().max() <= 1e-4
 

@@ -12,10 +12,9 @@ from safetensors.torch import save_file
 
 from emotrain.errors import UserError
 from helpers import unet_output
-from emotrain.lora_files import (
-    LoraWeights, load_into_model, load_lora_file, lora_config_for, lora_weights_from_model, save_diffusers,
-    save_kohya,
-)
+from emotrain.formats import load_lora_file, save_lora_file
+from emotrain.formats.model import load_into_model, lora_config_for, lora_weights_from_model
+from emotrain.formats.weights import LoraWeights
 from emotrain.sdxl import add_lora, load_sdxl, lora_module_names, text_encoder_lora_config, tiny_sdxl_path, unet_lora_config
 
 
@@ -61,13 +60,14 @@ def weights(trained) -> LoraWeights:
 
 @pytest.fixture(scope="module")
 def kohya_file(tmp_path_factory, weights):
-    return save_kohya(tmp_path_factory.mktemp("kohya") / "lora.safetensors", weights, {"ss_output_name": "t"})
+    return save_lora_file(tmp_path_factory.mktemp("kohya") / "lora.safetensors", weights, "kohya",
+                          {"ss_output_name": "t"})
 
 
 @pytest.fixture(scope="module")
 def diffusers_dir(tmp_path_factory, weights):
     folder = tmp_path_factory.mktemp("diffusers")
-    save_diffusers(folder, weights)
+    save_lora_file(folder, weights, "diffusers")
     return folder
 
 
@@ -154,7 +154,7 @@ def test_round_trip_kohya_to_diffusers(weights, kohya_file, diffusers_dir, tmp_p
     from_kohya = load_lora_file(kohya_file)
     assert from_kohya.source_format == "kohya" and from_kohya.metadata["ss_output_name"] == "t"
     assert_same_weights(weights, from_kohya)
-    save_diffusers(tmp_path / "again.safetensors", from_kohya)
+    save_lora_file(tmp_path / "again.safetensors", from_kohya, "diffusers")
     again = load_lora_file(tmp_path / "again.safetensors")
     assert again.source_format == "diffusers"
     assert_same_weights(weights, again)
@@ -223,7 +223,7 @@ def test_bad_files_refused(tmp_path, kohya_file):
 
 def test_writes_are_atomic(weights, tmp_path):
     target = tmp_path / "out.safetensors"
-    save_kohya(target, weights)
+    save_lora_file(target, weights, "kohya")
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
     umask = os.umask(0)
     os.umask(umask)
@@ -248,21 +248,23 @@ def test_reads_older_diffusers_layouts(weights, tmp_path):
         assert m.alpha == m.rank  # no alphas in that layout: diffusers' reading too
 
 
-def test_sgm_mapping_covers_full_sdxl():
-    import re
+def test_one_registry_for_every_path(weights, tmp_path):
+    from emotrain.cli import LoraFormat
+    from emotrain.formats import FORMATS, convert, get_format
 
-    from emotrain.lora_files import _undo_underscores, sgm_block_table, unet_name_from_sgm, unet_name_to_sgm
-    from emotrain.sdxl import meta_unet
-    from emotrain.sdxl.lora import UNET_TARGETS
-
-    unet = meta_unet()
-    names = [n for n, _ in unet.named_modules() if re.match(UNET_TARGETS, n)]
-    table = sgm_block_table(unet.config)
-    sgm = {n: unet_name_to_sgm(n, table) for n in names}
-    assert len(names) == len(set(sgm.values())) == 788
-    for n, s in sgm.items():
-        assert unet_name_from_sgm(_undo_underscores(s.replace(".", "_")), table) == n
-    assert sgm["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
-    assert sgm["down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2"] == \
-        "input_blocks.8.1.transformer_blocks.9.ff.net.2"
-    assert sgm["up_blocks.0.resnets.2.conv_shortcut"] == "output_blocks.2.0.skip_connection"
+    assert [f.value for f in LoraFormat] == list(FORMATS) == ["kohya", "diffusers"]
+    for name, fmt in FORMATS.items():
+        written = save_lora_file(tmp_path / name, weights, name)  # a folder gets the format's file name
+        assert written == tmp_path / name / fmt.file_name
+        with safe_open(str(written), "pt") as f:
+            keys = list(f.keys())
+        assert [n for n, other in FORMATS.items() if other.detect(keys)] == [name]
+        read = load_lora_file(written)
+        assert read.source_format == name
+        assert_same_weights(weights, read)
+        assert not set(read.metadata) & set(fmt.layout_keys)
+    back = convert(tmp_path / "diffusers", tmp_path / "k", to="kohya")
+    assert back == tmp_path / "k" / "lora.safetensors"
+    assert_same_weights(weights, load_lora_file(back))
+    with pytest.raises(UserError, match="unknown LoRA format 'lycoris': use 'kohya' or 'diffusers'"):
+        get_format("lycoris")
