@@ -50,9 +50,11 @@ class Batches:
     bucket); each epoch shuffles within buckets and then the order of the batches, from
     (seed, epoch) alone, so the order after a resume is the order without one."""
 
-    def __init__(self, sizes: list[tuple], batch_size: int, seed: int, epoch: int = 0, position: int = 0):
+    def __init__(self, sizes: list[tuple], batch_size: int, seed: int, epoch: int = 0, position: int = 0,
+                 rank: int = 0, world: int = 1):
         self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
         self.epoch, self.position = epoch, position
+        self.rank, self.world = rank, world  # processes take turns along the one order (distributed.py)
         self._batches = self._epoch(epoch)
 
     def _epoch(self, epoch: int) -> list[list[int]]:
@@ -68,6 +70,11 @@ class Batches:
         return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
 
     def next(self) -> list[int]:
+        """This process's next batch; the other processes take the ones around it."""
+        turns = [self._advance() for _ in range(self.world)]
+        return turns[self.rank]
+
+    def _advance(self) -> list[int]:
         if self.position == len(self._batches):
             self.epoch, self.position = self.epoch + 1, 0
             self._batches = self._epoch(self.epoch)

@@ -42,7 +42,10 @@ def scan_folder(folder: str | Path) -> list[Example]:
     for source, repeats in sources:
         for image in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             caption_file = image.with_suffix(".txt")
-            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+            except UnicodeDecodeError as exc:
+                raise UserError(f"caption {caption_file} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
             examples.extend([Example(image, caption)] * repeats)
     if not examples:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} or its N_name sub-folders: "
@@ -79,7 +82,7 @@ def load_image(path: Path, resolution: int, bucket: bool = True):
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise UserError(f"cannot read image {path} ({exc}): remove or replace the file") from None
     original = (img.height, img.width)
     target_w, target_h = choose_bucket(img.width, img.height, resolution, bucket)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".emotrain.lock"  # held for the whole run (lock.py)
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
 # A checkpoint folder's files; checkpoint.json is written last and marks it complete.
 TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON = "trainable.safetensors", "training_state.pt", "checkpoint.json"
@@ -29,8 +30,33 @@ class RunFolder:
         return self.root / RUN_JSON
 
     @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / step_name(step)
+
+    def trace(self, rank: int) -> Path:
+        """EMOTRAIN_TRACE=1: what process ``rank`` trained on (distributed.py)."""
+        return self.root / f"trace-rank-{rank}.jsonl"
+
+    def relative(self, path) -> str:
+        """``path`` as run.json records it: relative to the run folder when inside it, so
+        a copied or moved run folder still describes itself."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path.resolve())
+
+    @staticmethod
+    def of_checkpoint(checkpoint) -> "RunFolder | None":
+        """The run folder a checkpoint folder belongs to (``RUN/checkpoints/step-N``)."""
+        checkpoint = Path(checkpoint).expanduser()
+        if checkpoint.parent.name == CHECKPOINTS:
+            return RunFolder(checkpoint.parent.parent)
+        return None

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UserError
 from .optimizers import NAMES as OPTIMIZER_NAMES
 from .precision import PRECISIONS
 
@@ -27,6 +28,11 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 TARGETS = ("full", "transformer")
 
 # Help panels, in the order --help shows them.
+# Upper bounds: far beyond any real run, low enough that no count overflows torch's int64
+# or asks for absurd memory before a message can say so.
+MAX_RANK = 4096
+MAX_COUNT = 10**9
+
 GROUPS = ("Model", "Data", "LoRA", "Optimizer", "Schedule", "Loss", "Precision and memory", "Checkpoints",
           "Outputs")
 
@@ -114,17 +120,17 @@ OPTIONS: tuple[Option, ...] = (
     _o("data", str, None, "Folder of images with .txt captions (N_name sub-folders repeat N times), or 'demo'.",
        "Data"),
     _o("resolution", int, 1024, "Training resolution: buckets hold at most resolution^2 pixels.", "Data",
-       minimum=64, multiple_of=32, memory=True, hint="(the VAE and UNet scales)"),
+       minimum=64, maximum=8192, multiple_of=32, memory=True, hint="(the VAE and UNet scales)"),
     _o("bucket", bool, True, "Aspect-ratio buckets; --no-bucket centre-crops every image to a square.", "Data"),
     # -- LoRA ----------------------------------------------------------------------------
     _o("targets", str, "full", "UNet layers with a LoRA: 'full' (attention, feed-forward, ResNets, samplers) "
        "or 'transformer' (sd-scripts' default set: the transformer blocks only).", "LoRA",
        choices=TARGETS, memory=True),
-    _o("rank", int, 16, "LoRA rank of linear layers and 1x1 convs.", "LoRA", minimum=1, memory=True),
+    _o("rank", int, 16, "LoRA rank of linear layers and 1x1 convs.", "LoRA", minimum=1, maximum=MAX_RANK, memory=True),
     _o("alpha", float, None, "LoRA alpha; the scale is alpha/rank.", "LoRA", nullable=True,
        default_text="the rank", positive=True),
     _o("conv_rank", int, None, "Rank of 3x3 convolutions; 0 leaves them out (full targets only).", "LoRA",
-       nullable=True, default_text="the rank", minimum=0, memory=True),
+       nullable=True, default_text="the rank", minimum=0, maximum=MAX_RANK, memory=True),
     _o("conv_alpha", float, None, "Alpha of 3x3 convolutions.", "LoRA", nullable=True,
        default_text="the alpha", positive=True),
     _o("train_text_encoders", bool, False, "Give both text encoders a LoRA too.", "LoRA", memory=True),
@@ -134,21 +140,22 @@ OPTIONS: tuple[Option, ...] = (
     _o("shadow", bool, False, "The Emo shadow-system (one parameter-sized buffer).", "Optimizer", memory=True),
     _o("optim_args", list, [], "Optimizer keyword arguments key=value (repeatable, or several in one quoted string).",
        "Optimizer", split=True, memory=True),
-    _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, hint="(the Emo family works well at 2e-4 to 4e-4)"),
+    _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, maximum=10,
+       hint="(the Emo family works well at 2e-4 to 4e-4)"),
     _o("max_grad_norm", float, 1.0, "Gradient clipping norm; 0 turns clipping off.", "Optimizer", nullable=True,
        minimum=0),
     # -- schedule ------------------------------------------------------------------------
-    _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, resumable=True),
-    _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, memory=True),
-    _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1),
+    _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, maximum=MAX_COUNT, resumable=True),
+    _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, maximum=4096, memory=True),
+    _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1, maximum=MAX_COUNT),
     _o("lr_scheduler", str, "constant", "LR schedule.", "Schedule", choices=SCHEDULERS, choice_word="scheduler"),
-    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0),
+    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0, maximum=MAX_COUNT),
     _o("seed", int, 42, "Seed of the LoRA init, data order and noise.", "Schedule", minimum=0,
        maximum=2**32 - 1),
     # -- loss ----------------------------------------------------------------------------
     _o("min_snr_gamma", float, None, "Min-SNR-gamma loss weighting (5 is usual).", "Loss", nullable=True,
        positive=True),
-    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0),
+    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0, maximum=1),
     # -- precision and memory ------------------------------------------------------------
     _o("mixed_precision", str, "no", "Frozen weights and compute in no (fp32), fp16 or bf16; the LoRA stays fp32.",
        "Precision and memory", choices=PRECISIONS, memory=True),
@@ -156,10 +163,13 @@ OPTIONS: tuple[Option, ...] = (
        "Precision and memory", memory=True),
     # -- checkpoints ---------------------------------------------------------------------
     _o("save_every", int, 0, "Write a checkpoint every N optimizer steps (0: only at the end).", "Checkpoints",
-       minimum=0, resumable=True),
-    _o("keep_checkpoints", int, 3, "Keep the newest K checkpoints.", "Checkpoints", minimum=1, resumable=True),
+       minimum=0, maximum=MAX_COUNT, resumable=True),
+    _o("keep_checkpoints", int, 3, "Keep the newest K checkpoints.", "Checkpoints", minimum=1, maximum=MAX_COUNT,
+       resumable=True),
     # -- outputs -------------------------------------------------------------------------
     _o("output", str, "output", "Output folder.", "Outputs", resumable=True),
+    _o("progress_every", float, 30.0, "Without a terminal (nohup, CI, > log): a plain progress line every N seconds.",
+       "Outputs", minimum=0, maximum=86400, resumable=True),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -168,15 +178,27 @@ RESUMABLE = tuple(o.name for o in OPTIONS if o.resumable)
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path`` or ``path:weight`` -> (path, weight). Only a trailing number counts as a
-    weight, so drive letters and colons inside names stay part of the path."""
+    """``path`` or ``path:weight`` -> (path, weight). A path that exists is a path, colons
+    and all; otherwise what follows the last colon must be a finite number when what
+    precedes it is an existing file (``a.safetensors:abc`` is a bad weight, not a missing
+    file)."""
+    from pathlib import Path
+
+    if not spec.strip():
+        raise UserError("an empty LoRA entry: pass FILE.safetensors[:WEIGHT]")
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not head or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if Path(head).expanduser().exists():
+            raise UserError(f"bad weight {tail!r} in {spec!r}: write FILE:WEIGHT with a number, e.g. "
+                            f"{head}:0.8") from None
+        return spec, 1.0
+    if not math.isfinite(weight):
+        raise UserError(f"bad weight {tail!r} in {spec!r}: a LoRA's weight must be a finite number, e.g. {head}:0.8")
+    return head, weight
 
 
 def markdown_table() -> str:
