@@ -17,6 +17,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from . import processes
 from .errors import UserError
 from .options import OPTIONS, Option
 from .formats import FORMATS
@@ -74,7 +75,13 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
+    # Under accelerate launch every process ends the same way: the main one speaks for a
+    # stop they agreed on; anything else a process says is marked with its rank.
+    rank = processes.rank()
+    if rank == 0:
+        typer.echo(f"error: {exc}", err=True)
+    elif not hasattr(exc, "status"):
+        typer.echo(f"error [process {rank}]: {exc}", err=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
 
 

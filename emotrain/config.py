@@ -81,7 +81,9 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
 
     for o in OPTIONS:
         value = getattr(cfg, o.name)
-        problem = o.problem(value) or _not_utf8(value)
+        empty = o.type is str and value is not None and not value.strip()
+        problem = ("is empty: give a value, or leave the option out" if empty else None) or o.problem(value) \
+            or _not_utf8(value)
         if problem:
             bad(o.name, f"{problem} {o.hint}".rstrip())
     if not cfg.model:

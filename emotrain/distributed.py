@@ -1,4 +1,7 @@
-"""Data parallel training under ``accelerate launch``: what each process does differently.
+"""Data parallel training under ``accelerate launch`` (or torchrun): what each process
+does differently. Without GPUs, ``accelerate launch --multi_gpu --num_processes N`` runs N
+CPU processes over gloo (accelerate's ``--cpu`` flag starts one process unless mpirun is
+set up).
 
 - Data: the processes take turns along one batch order (``Batches(rank=, world=)``), so
   in a step they train on different batches of the same epoch; the order's position is
@@ -23,9 +26,16 @@ import os
 import torch
 from accelerate.utils import gather_object
 
+from . import processes
 from .layout import RunFolder
 
 NOISE_SEED_STRIDE = 1_000_003
+
+
+def cpu_only_processes() -> bool:
+    """Several processes and no GPU (CI, ``accelerate launch --multi_gpu`` on a CPU machine):
+    accelerate needs to be told, or every process trains alone. gloo carries the traffic."""
+    return processes.world_size() > 1 and not torch.cuda.is_available()
 
 
 def noise_seed(seed: int, rank: int) -> int:

@@ -17,3 +17,7 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def is_local_main() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0

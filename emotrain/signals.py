@@ -5,7 +5,9 @@ runs, the first one only asks to stop: the loop looks once per step, after the g
 and before the update, agrees with the other processes, and stops there with a
 checkpoint of the state where the step began. So a signal can never land inside
 ``optimizer.step()`` and leave a half-updated state to be saved under a finished step's
-name. A second signal stops at once, without a checkpoint.
+name. A second Ctrl-C stops at once, without a checkpoint; a repeated SIGTERM changes
+nothing (SLURM signals every process of a job and the launcher forwards it again: one
+request, delivered twice).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class StopRequests:
         self.deferring = True
 
     def _handle(self, signum, frame) -> None:
-        if self.deferring and self.requested is None:
-            self.requested = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.deferring and (self.requested is None or signum == signal.SIGTERM):
+            self.requested = self.requested or name
             return
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        raise KeyboardInterrupt(name)

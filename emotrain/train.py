@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 
-from . import checkpoint, distributed, report
+from . import checkpoint, distributed, processes, report
 from .batches import Batches, collate, encode_examples
 from .config import TrainConfig
 from .data import resolve_data, scan_folder
@@ -27,7 +27,7 @@ from .preflight import check_images
 from .progress import TrainProgress
 from .record import RunRecord
 from .sdxl import (add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run, meta_sdxl,
-                   unet_config)
+                   resolve_model, unet_config)
 from .signals import Interrupted, StopRequests
 
 
@@ -109,15 +109,17 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     # accelerate keeps its settings per process; a second run in one process (the Python
     # API, tests) may use another precision. The distributed part (PartialState) stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed.cpu_only_processes())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     # What can fail without the model fails first: the data scan, the optimizer and its arguments.
-    examples = scan_folder(resolve_data(cfg.data))
-    check_images(e.image for e in examples)
+    with accelerator.main_process_first():  # what is built or downloaded once (demo images, tiny model)
+        examples = scan_folder(resolve_data(cfg.data))
+        check_images(e.image for e in examples)
+        source = resolve_model(cfg.model)
     check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
     loras = read_loras(cfg)
     with progress.task("loading model"):
-        sdxl = load_sdxl(cfg.model, weight_dtype(cfg.mixed_precision))
+        sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision))
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg, loras)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
@@ -176,7 +178,8 @@ def micro_batch_loss(run: Run) -> torch.Tensor:
     else:
         embeds, pooled = encode_prompts(run.sdxl, batch["captions"], batch["latents"].device)
     loss = denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch["latents"], embeds, pooled,
-                          batch["time_ids"], run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma)
+                          batch["time_ids"], run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma,
+                          dtype=run.sdxl.unet.dtype)
     run.trace.write(step=run.step + 1, examples=indices, images=[run.examples[i].image.name for i in indices],
                     loss=loss.item())
     return loss
@@ -267,9 +270,9 @@ def save_lora(run: Run, output: Path) -> dict:
 def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     folder = RunFolder(cfg.output)
     progress = TrainProgress(cfg.steps, every=cfg.progress_every)
+    progress.enabled(processes.is_local_main())  # one process of a multi-GPU run speaks
     with StopRequests() as stops:  # Ctrl-C and SIGTERM: a checkpoint, then a message (signals.py)
         run = prepare(cfg, resume, progress, stops)
-        progress.enabled(run.accelerator.is_local_main_process)
         optimizer = run.optimizer.optimizer
         run.info.update(config=cfg.to_dict(), started_at=time.time())
         main = run.accelerator.is_main_process

@@ -36,7 +36,7 @@ def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None =
 
 
 def denoising_loss(unet, scheduler, latents, prompt_embeds, pooled, add_time_ids, generator: torch.Generator,
-                   noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None, dtype=None) -> torch.Tensor:
     """One noisy sample per latent at a random timestep; the mean MSE to the scheduler's
     target, weighted by min-SNR-gamma when asked. Random numbers come from ``generator``
     on the CPU, so a run is reproducible on any device and resumable exactly."""
@@ -55,7 +55,7 @@ def denoising_loss(unet, scheduler, latents, prompt_embeds, pooled, add_time_ids
     else:
         raise UserError(f"the model's scheduler predicts {kind!r}, which LoRA training does not support: "
                         "use an epsilon or v-prediction SDXL model")
-    dtype = unet.dtype
+    dtype = dtype or unet.dtype  # a DistributedDataParallel wrapper has none: the caller says
     pred = unet(noisy.to(dtype), timesteps, prompt_embeds.to(dtype),
                 added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": add_time_ids.to(dtype)}).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

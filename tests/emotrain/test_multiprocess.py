@@ -1,4 +1,4 @@
-"""Two processes under `accelerate launch --cpu` (gloo) on the tiny model: each trains on
+"""Two processes under `accelerate launch` on the CPU (gloo) on the tiny model: each trains on
 its own batches of the same epoch order, with its own noise; the replicas stay identical;
 the Emo family gets the mean loss over processes; a stop and a resume end bit-exact."""
 
@@ -28,7 +28,9 @@ def free_port() -> int:
 
 
 def launch(*args, trace=False, **kwargs):
-    cmd = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+    # --multi_gpu is accelerate's torchrun launcher; without GPUs emotrain runs it on the CPU over
+    # gloo (its --cpu flag would start a single process: it needs mpirun for more).
+    cmd = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "emotrain", "sdxl-lora",
            *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EMOTRAIN_TRACE": "1" if trace else "0"}

@@ -209,12 +209,17 @@ def test_a_signal_inside_the_optimizer_step_waits_for_the_step_boundary(tmp_path
     assert run["status"] == "interrupted" and len(run["losses"]) == 3
 
 
-def test_a_second_signal_stops_at_once_without_a_checkpoint(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    result = train(out, "--optim", "optimizers_for_tests.SignalSGD", "--optim-args", "at=2 count=2 sig='SIGTERM'",
+    result = train(out, "--optim", "optimizers_for_tests.SignalSGD", "--optim-args", "at=2 count=2",
                    "--steps", "4", expect=130)
     assert "stopped at once" in result.output and "there is no checkpoint yet" in result.output
     assert run_json(out)["status"] == "interrupted" and not (out / "checkpoints").exists()
+    # SIGTERM twice (SLURM signals every process, and the launcher forwards it again) is one request
+    out = tmp_path / "term"
+    result = train(out, "--optim", "optimizers_for_tests.SignalSGD", "--optim-args", "at=2 count=2 sig='SIGTERM'",
+                   "--steps", "4", expect=130)
+    assert "interrupted at step 2 (SIGTERM)" in result.output and (out / "checkpoints" / "step-000002").is_dir()
 
 
 def test_an_unforeseen_error_is_recorded(tmp_path):
