@@ -17,6 +17,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,20 @@ def leftovers(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if LEFTOVER.match(p.name))
 
 
+def check_writable(target: Path) -> None:
+    """Refuse a target whose nearest existing folder cannot take a new file (read-only,
+    another user's, /proc...): tried with a nameless temporary file, which leaves nothing."""
+    folder = next((p for p in Path(target).absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return  # check_target says what is wrong
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {folder} does not take new files ({exc.strerror}); pass a path "
+                        "you can write to") from None
+
+
 def check_target(target: Path, directory: bool) -> None:
     """Refuse a target that is the other kind of thing (a folder where a file goes, ...)."""
     if target.is_dir() and not directory:
@@ -81,10 +96,13 @@ def atomic_path(target, directory: bool = False, if_exists: str = "replace", rep
     an existing folder only when empty, or when ``replace_folder`` (the caller's own)."""
     target = Path(target)
     check_target(target, directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _beside(target, "tmp")
-    if directory:
-        tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp.mkdir()
+    except OSError as exc:  # read-only, full, not ours: one line, nothing half-made
+        raise UserError(f"cannot write {target} ({exc.strerror}): pass a path you can write to") from None
     try:
         yield tmp
         _settle(tmp)

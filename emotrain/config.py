@@ -9,6 +9,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from .atomic import check_writable
 from .errors import UserError
 from .formats import resolve_lora_file
 from .optimizers import parse_optim_args
@@ -141,6 +142,10 @@ def check_output_folder(output: str) -> None:
             if not parent.is_dir():
                 raise UserError(f"output: cannot create {output}: {parent} is a file")
             break
+    try:
+        check_writable(path / "run.json")
+    except UserError as exc:
+        raise UserError(f"output: {exc}") from None
 
 
 def preset_names() -> list[str]:

@@ -48,11 +48,15 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         self.made_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "start_ticks": _start_ticks(os.getpid())}
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(me))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(me))
+        except OSError as exc:
+            raise UserError(f"cannot write to {self.path.parent} ({exc.strerror}): pass an --output folder you "
+                            "can write to") from None
         try:
             for _ in range(3):
                 try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import check_target
+from .atomic import check_target, check_writable
 from .errors import UserError
 
 
@@ -25,6 +25,7 @@ def lora_output(path: str, file_name: str, overwrite: bool) -> Path:
                             "folder to hold the LoRA")
         p = p / file_name
     check_target(p, directory=False)
+    check_writable(p)
     if p.exists() and not overwrite:
         raise UserError(f"{p} already exists: pass --overwrite to replace it, or choose another path")
     return p
@@ -36,6 +37,7 @@ def model_output(path: str) -> Path:
     if not str(path).strip():
         raise UserError("the output path is empty: pass a folder for the merged model")
     check_target(p, directory=True)
+    check_writable(p)
     if p.is_dir() and any(p.iterdir()):
         raise UserError(f"output folder {p} already exists and is not empty (--overwrite replaces files, never "
                         "folders): remove it or choose another folder")

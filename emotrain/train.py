@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
+from safetensors import SafetensorError
 
 from . import checkpoint, distributed, processes, report
 from .batches import Batches, collate, encode_examples
@@ -232,12 +233,18 @@ def save(run: Run, history: dict, data_state: dict | None = None, noise_state: t
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return folder.checkpoint(run.step)
-    return checkpoint.save_checkpoint(
-        folder.checkpoints, step=run.step, named_params=run.named_params, optimizer=optimizer,
-        lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
-        data_state=data_state or run.batches.state_dict(), noise_state=noise_states, config=run.cfg.to_dict(),
-        info={"versions": run.info["versions"], "processes": run.accelerator.num_processes, "history": history},
-        keep=run.cfg.keep_checkpoints)
+    try:
+        return checkpoint.save_checkpoint(
+            folder.checkpoints, step=run.step, named_params=run.named_params, optimizer=optimizer,
+            lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
+            data_state=data_state or run.batches.state_dict(), noise_state=noise_states, config=run.cfg.to_dict(),
+            info={"versions": run.info["versions"], "processes": run.accelerator.num_processes, "history": history},
+            keep=run.cfg.keep_checkpoints)
+    except (OSError, SafetensorError) as exc:  # a full or failing disk: the previous checkpoint is intact
+        found = checkpoint.list_checkpoints(folder.checkpoints)
+        raise UserError(f"could not write checkpoint {folder.checkpoint(run.step)} ({exc}): free space or fix the "
+                        "disk, then --resume " + str(folder.root) + (f" (from {found[-1].name})" if found else "")) \
+            from None
 
 
 def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> TrainingStopped:

@@ -48,7 +48,7 @@ PATH_CASES = {
     "model": ["", "nosuch-model", "tiny:x", "tiny:-1", "tiny:99999999999", "{dir}", "{file}", "{dir}/x.ckpt",
               "{dir}/missing.safetensors", NOT_UTF8, "a/b/c"],
     "data": ["", "{dir}/missing", "{file}", "{dir}", NOT_UTF8],
-    "output": ["", "{file}", "{file}/sub", NOT_UTF8],
+    "output": ["", "{file}", "{file}/sub", NOT_UTF8, "/proc/emotrain-no-such-place"],
     "network-weights": ["", "{dir}/missing.safetensors", "{dir}", "{file}", "{garbage}", "{empty}", "{sd15}",
                         "{nan}", "{nokeys}", NOT_UTF8],
     "base-lora": ["", "{dir}/missing.safetensors", "{sd15}:abc", "{sd15}:nan", "{sd15}:inf", "{sd15}:-inf",
@@ -139,12 +139,15 @@ def test_merge_and_convert_refuse_bad_inputs(tmp_path, monkeypatch, files):
     cases += [["merge", "--lora", files["sd15"], "--output", files["dir"] + "/../file.txt"],
               ["merge", "--lora", "", "--output", out], ["merge", "--lora", files["sd15"], "--output", ""],
               ["merge", "--lora", files["sd15"], "--model", "tiny", "--output", files["file"]],
-              ["merge", "--lora", files["sd15"], "--model", "tiny", "--rank", "4", "--output", str(tmp_path / "m")]]
+              ["merge", "--lora", files["sd15"], "--model", "tiny", "--rank", "4", "--output", str(tmp_path / "m")],
+              ["merge", "--lora", files["sd15"], "--output", "/proc/emotrain-x.safetensors"],
+              ["merge", "--lora", files["sd15"], "--model", "tiny", "--output", "/proc/emotrain-x"]]
     cases += [["convert", files[k], out, "--to", "kohya"] for k in ("garbage", "empty", "nan", "nokeys", "dir")]
     cases += [["convert", files["sd15"], out, "--to", "kohya"],  # SD 1.5: refused by name
               ["convert", files["sd15"], files["file"], "--to", "kohya"], ["convert", files["sd15"], "", "--to", "kohya"],
               ["convert", files["sd15"], files["folder_lora"], "--to", "kohya", "--overwrite"],
-              ["convert", files["sd15"], out, "--to", "nope"], ["convert", "", out, "--to", "kohya"]]
+              ["convert", files["sd15"], out, "--to", "nope"], ["convert", "", out, "--to", "kohya"],
+              ["convert", files["sd15"], "/proc/emotrain-x.safetensors", "--to", "kohya"]]
     monkeypatch.chdir(tmp_path)
     failures = []
     for args in cases:
