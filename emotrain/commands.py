@@ -33,7 +33,7 @@ def resume_config(path: str, overrides: dict):
     if cfg.steps < meta["step"]:
         raise UserError(f"--steps {cfg.steps} is below the checkpoint's step {meta['step']}: pass a larger --steps")
     check_output_folder(cfg.output)
-    _check_resume_target(cfg.output, ckpt, meta["step"], explicit=not skipped and Path(path).expanduser() == ckpt)
+    _check_resume_target(cfg.output, ckpt, meta["step"], explicit=Path(path).expanduser() == ckpt)
     return cfg, ckpt, skipped
 
 
