@@ -94,8 +94,6 @@ def test_cuda_step_never_waits_for_the_device(cls):
         opt = cls(params, use_shadow=True)
         for t in range(4):
             _set_grads(params, t)
-            for p in params:
-                p.grad = p.grad.cuda()
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
@@ -128,8 +126,6 @@ def test_cuda_fused_warns_once_and_equals_foreach(cls):
             warnings.simplefilter("always")
             for t in range(6):
                 _set_grads(params, t)
-                for p in params:
-                    p.grad = p.grad.cuda()
                 opt.step(loss=_loss(t))
         results.append(([p.detach().clone() for p in params], caught))
     (fused, warned), (foreach, _) = results

@@ -126,7 +126,6 @@ def bf16_step_is_fp32_step_rounded(cls, foreach: bool, device: str = "cpu") -> N
     for t in range(5):
         _set_grads(p16, t)
         for a, b in zip(p32, p16):
-            b.grad = b.grad.to(device)
             a.grad = b.grad.float()
         o16.step(loss=_loss(t))
         o32.step(loss=_loss(t))
