@@ -22,7 +22,7 @@ from .errors import UserError
 from .layout import RunFolder
 from .formats import FORMATS, load_lora_file
 from .formats.model import load_into_model, lora_config_for, lora_weights_from_model
-from .optimizers import build_optimizer, parse_optim_args, takes_loss
+from .optimizers import build_optimizer, optimizer_class, parse_optim_args, takes_loss
 from .precision import weight_dtype
 from .progress import TrainProgress
 from .sdxl import add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run
@@ -85,13 +85,15 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
-    scanned = scan_data(cfg, progress.console)  # the data summary and its warnings, before the model loads
+    optimizer_class(cfg.optim)  # a missing optimizer package is known before anything loads
+    scanned = scan_data(cfg)  # data errors (and, with --strict-data, warnings) before the model loads
     with progress.task("loading model"):
         sdxl = load_sdxl(cfg.model, weight_dtype(cfg.mixed_precision))
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
+    scanned.show(progress.console)
     with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
         data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console)
     if cfg.record_draws and accelerator.is_main_process:

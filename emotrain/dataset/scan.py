@@ -46,6 +46,10 @@ class Scanned:
     def lines(self) -> list[str]:
         return summary_lines(self.summary, self.problems)
 
+    def show(self, console) -> None:
+        for line in self.lines():
+            console.print(line, markup=False, highlight=False)
+
 
 def _images(folder: Path) -> tuple[list[Path], list[Path]]:
     """-> (images, NAME_mask.png files that belong to an image beside them)."""
@@ -163,9 +167,9 @@ def scan_datasets(specs: list[DatasetSpec], max_upscale: float = 2.0, folder_roo
         _batch_checks(spec, [e for e in entries if e.dataset == d], problems)
     if not entries:
         where = ", ".join(str(s.image_dir) for spec in specs for s in spec.subsets if not s.is_reg)
-        raise UserError(f"no training images in {where or 'the data'}"
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) to train on in {where or 'the data'}"
                         f"{' (' + problems.line('too_small') + ')' if 'too_small' in problems.kinds else ''}: "
-                        f"add images ({', '.join(IMAGE_SUFFIXES)}) with same-named caption files")
+                        "add images with same-named caption files")
     return Scanned(entries, specs, problems, _summary(entries, folders))
 
 
@@ -219,9 +223,9 @@ def summary_lines(summary: dict, problems: Problems) -> list[str]:
     return lines
 
 
-def scan_data(cfg, console=None) -> Scanned:
-    """A run's data (--dataset-config, or --data and --reg-data) scanned, its summary
-    printed; with --strict-data a warning stops here, before any model loads."""
+def scan_data(cfg) -> Scanned:
+    """A run's data (--dataset-config, or --data and --reg-data) scanned; with
+    --strict-data a warning stops here, before any model loads."""
     from .demo import resolve_data
     from .from_options import specs_from_options
 
@@ -229,7 +233,5 @@ def scan_data(cfg, console=None) -> Scanned:
     reg = Path(cfg.reg_data).expanduser() if cfg.reg_data else None
     roots = () if cfg.dataset_config else tuple(p for p in (data, reg) if p)
     scanned = scan_datasets(specs_from_options(cfg, data), cfg.max_upscale, roots)
-    for line in scanned.lines() if console is not None else ():
-        console.print(line, markup=False, highlight=False)
     scanned.problems.enforce(cfg.strict_data)
     return scanned
