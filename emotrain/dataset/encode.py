@@ -4,7 +4,7 @@ data is never all in memory at once), and the encoders the loop does not need fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -22,7 +22,6 @@ class Counts:
     latents_encoded: int = 0
     texts_loaded: int = 0
     texts_encoded: int = 0
-    per_draw: list = field(default_factory=list)
 
 
 def _items(entries: list[Entry]) -> tuple[list[Item], list[int]]:
@@ -93,8 +92,16 @@ def _check_lengths(sdxl, scanned: Scanned, max_tokens: int) -> None:
 def prepare_data(sdxl, scanned: Scanned, cfg, device, progress, console) -> TrainingData:
     """Latents and text embeddings ready for the loop; frees the VAE and the text
     encoders unless the data changes per draw. Adds what it did to the summary."""
-    cache = Cache(cache_folder(cfg))
-    counts = Counts()
+    def say(line: str) -> None:
+        console.print(f"  {line}", markup=False, highlight=False)
+
+    _check_lengths(sdxl, scanned, cfg.max_token_length)  # needs the tokenizer: known once the model is loaded
+    if "truncated_captions" in scanned.problems.kinds:
+        say(f"warning: {scanned.problems.line('truncated_captions')}")
+    scanned.summary["problems"] = scanned.problems.as_dict()
+    scanned.problems.enforce(cfg.strict_data)
+
+    cache, counts = Cache(cache_folder(cfg)), Counts()
     items, of_entry = _items(scanned.entries)
     vae_id = module_identity(sdxl.vae)
     with progress.task("encoding images (or loading them from the cache)", total=len(items)) as advance:
@@ -109,23 +116,17 @@ def prepare_data(sdxl, scanned: Scanned, cfg, device, progress, console) -> Trai
         with progress.task("encoding captions (or loading them from the cache)", total=len(captions)) as advance:
             texts = _encode_texts(sdxl, captions, cache, cfg.max_token_length, device, counts, advance)
     cache.save_hashes()
-    _check_lengths(sdxl, scanned, cfg.max_token_length)
+
     crops = sum(1 for item in items if item.example.subset.random_crop)
     notes = _notes(cfg, cache, counts, text_per_step, crops)
+    for line in notes:
+        say(line)
+    if cache.damaged:
+        say(f"warning: {len(cache.damaged)} cache file(s) were damaged and were encoded again, e.g. {cache.damaged[0]}")
     scanned.summary.update(notes=notes, cache={"folder": str(cache.folder) if cache.folder else None,
-                                               **{k: v for k, v in vars(counts).items() if k != "per_draw"},
-                                               "damaged": len(cache.damaged)},
+                                               **asdict(counts), "damaged": len(cache.damaged)},
                            text_encoders="every step" if text_per_step else "cached",
                            vae="every step" if crops else "cached")
-    for line in notes:
-        console.print(f"  {line}", markup=False, highlight=False)
-    if cache.damaged:
-        console.print(f"  warning: {len(cache.damaged)} cache file(s) were damaged and were encoded again, "
-                      f"e.g. {cache.damaged[0]}", markup=False, highlight=False)
-    if "truncated_captions" in scanned.problems.kinds:
-        console.print(f"  warning: {scanned.problems.line('truncated_captions')}", markup=False, highlight=False)
-    scanned.summary["problems"] = scanned.problems.as_dict()
-    scanned.problems.enforce(cfg.strict_data)
     if not crops:
         sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
     if not text_per_step:
