@@ -12,6 +12,7 @@ import pytest
 
 from data_helpers import cli, one_line_error, write_images
 from emotrain.dataset.problems import Problems
+from emotrain.errors import UserError
 from emotrain.dataset.scan import Example, pair_regularization
 
 TRAIN = {"a.png": "sks, red, round, small, shiny", "b.png": "sks, green, square, large",
@@ -142,3 +143,53 @@ def test_bad_data_inputs_are_one_line(tmp_path):
                                "--output", tmp_path / "o"))
     assert "cache folder" in error and "is not a folder" in error and "--cache-dir" in error
     assert not (tmp_path / "o").exists()
+
+
+def test_keys_fall_back_subset_dataset_general_command_line(tmp_path):
+    from emotrain.config import resolve_config
+    from emotrain.dataset import specs_from_options
+    from emotrain.dataset.buckets import bucket_sizes
+
+    a, b = (write_images(tmp_path / n, {"x.png": "x"}) for n in ("a", "b"))
+    config = tmp_path / "d.toml"
+    config.write_text(f"""
+[general]
+shuffle_caption = true
+keep_tokens = 2
+caption_extension = ".caption"
+
+[[datasets]]
+resolution = [512, 768]
+batch_size = 3
+min_bucket_reso = 256
+max_bucket_reso = 1024
+bucket_reso_steps = 32
+keep_tokens = 3
+  [[datasets.subsets]]
+  image_dir = "{a}"
+  keep_tokens = 1
+  caption_separator = ";"
+  secondary_separator = ";;;"
+  [[datasets.subsets]]
+  image_dir = "{b}"
+  cache_info = true
+  color_aug = false
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "{b}"
+""")
+    cfg = resolve_config(None, {"model": "tiny", "dataset_config": str(config), "resolution": 64, "flip": True,
+                                "caption_prefix": "tok"})
+    first, second = specs_from_options(cfg)
+    sa, sb = first.subsets
+    assert (sa.keep_tokens, sb.keep_tokens, second.subsets[0].keep_tokens) == (1, 3, 2)  # subset > dataset > general
+    assert sa.caption_extension == ".caption" and sa.caption_separator == ";" and sa.secondary_separator == ";;;"
+    assert all(s.flip_aug and s.caption_prefix == "tok" and s.shuffle_caption for s in (sa, sb))  # the command line
+    assert (first.resolution, first.batch_size, second.resolution, second.batch_size) == ((512, 768), 3, (64, 64), 1)
+    sizes = bucket_sizes(first.resolution, first.bucket_reso_steps, first.min_bucket_reso, first.max_bucket_reso)
+    assert min(min(s) for s in sizes) == 256 and max(max(s) for s in sizes) == 1024
+    assert all(w % 32 == 0 and h % 32 == 0 and w * h <= 512 * 768 for w, h in sizes) and (352, 1024) in sizes
+    config.write_text(config.read_text().replace("color_aug = false", "enable_wildcard = true"))
+    with pytest.raises(UserError, match="enable_wildcard = True cannot be honoured"):
+        specs_from_options(cfg)

@@ -97,3 +97,18 @@ def test_strict_data_stops_before_the_model_loads(tmp_path):
                                "--strict-data", "--output", out))
     assert "no caption file" in error and "--strict-data" in error and str(data / "b.png") in error
     assert not out.exists()
+
+
+def test_a_mask_file_beside_the_image_is_the_mask(tmp_path):
+    write_images(tmp_path, {"x.png": "x"})
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:16] = 255  # the top quarter trains
+    Image.fromarray(mask).save(tmp_path / "x_mask.png")
+    from emotrain.dataset.images import latent_mask
+    from emotrain.dataset.scan import scan_folder
+    from emotrain.dataset.spec import Subset
+
+    (example,) = scan_folder(tmp_path, Subset(image_dir=tmp_path, alpha_mask=True))
+    assert example.mask == tmp_path / "x_mask.png"  # and x_mask.png is not an image to train on
+    _, pixel_mask = load_pixels(example.image, place(64, 64, 64, 64), mask=True, mask_file=example.mask)
+    assert latent_mask(pixel_mask)[0].tolist() == [[1.0] * 8] * 2 + [[0.0] * 8] * 6
