@@ -89,9 +89,10 @@ def _check_lengths(sdxl, scanned: Scanned, max_tokens: int) -> None:
             scanned.problems.add("truncated_captions", e.example.image, f" ({n} tokens)")
 
 
-def prepare_data(sdxl, scanned: Scanned, cfg, device, progress, console) -> TrainingData:
+def prepare_data(sdxl, scanned: Scanned, cfg, device, progress, console, keep_encoders: bool = False) -> TrainingData:
     """Latents and text embeddings ready for the loop; frees the VAE and the text
-    encoders unless the data changes per draw. Adds what it did to the summary."""
+    encoders unless the data changes per draw (or ``keep_encoders``: another set, such
+    as a validation set, is still to be prepared). Adds what it did to the summary."""
     def say(line: str) -> None:
         console.print(f"  {line}", markup=False, highlight=False)
 
@@ -127,9 +128,9 @@ def prepare_data(sdxl, scanned: Scanned, cfg, device, progress, console) -> Trai
                                                **asdict(counts), "damaged": len(cache.damaged)},
                            text_encoders="every step" if text_per_step else "cached",
                            vae="every step" if crops else "cached")
-    if not crops:
+    if not crops and not keep_encoders:
         sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
-    if not text_per_step:
+    if not text_per_step and not keep_encoders:
         sdxl.text_encoder.to("meta"), sdxl.text_encoder_2.to("meta")
     return TrainingData(scanned.entries, items, of_entry, texts, cache, sdxl.vae if crops else None, device,
                         [spec.batch_size for spec in scanned.specs], cfg.prior_loss_weight)
