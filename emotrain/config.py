@@ -9,6 +9,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from .dataset import check_options as check_data_options
 from .errors import UserError
 from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
 
@@ -82,11 +83,7 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
             bad(o.name, f"{problem} {o.hint}".rstrip())
     if not cfg.model:
         bad("model", "no model given: pass --model PATH|REPO_ID|tiny or a preset that sets it")
-    if needs_data:
-        if not cfg.data:
-            bad("data", "no training data given: pass --data DIR (images with .txt captions) or --data demo")
-        if cfg.data != "demo" and not Path(cfg.data).expanduser().is_dir():
-            bad("data", f"folder {cfg.data} does not exist: pass an existing folder of images, or --data demo")
+    check_data_options(cfg, needs_data)
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
     if cfg.network_weights and not Path(cfg.network_weights).expanduser().is_file():

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 RUN_JSON = "run.json"
+DRAWS = "draws.jsonl"  # --record-draws: every drawn image, its caption text and flip
 CHECKPOINTS = "checkpoints"
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
 # A checkpoint folder's files; checkpoint.json is written last and marks it complete.
@@ -19,7 +20,7 @@ def step_name(step: int) -> str:
 
 
 class RunFolder:
-    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``."""
+    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``, draws.jsonl."""
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
@@ -27,6 +28,10 @@ class RunFolder:
     @property
     def run_json(self) -> Path:
         return self.root / RUN_JSON
+
+    @property
+    def draws(self) -> Path:
+        return self.root / DRAWS
 
     @property
     def checkpoints(self) -> Path:

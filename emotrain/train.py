@@ -13,14 +13,16 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 
 from . import checkpoint, report
-from .batches import Batches, collate, encode_examples
+from .batches import Batches
 from .config import TrainConfig
-from .data import resolve_data, scan_folder
+from .dataset.encode import prepare_data
+from .dataset.loader import TrainingData
+from .dataset.scan import scan_data
 from .errors import UserError
 from .layout import RunFolder
 from .formats import FORMATS, load_lora_file
 from .formats.model import load_into_model, lora_config_for, lora_weights_from_model
-from .optimizers import build_optimizer, parse_optim_args, takes_loss
+from .optimizers import build_optimizer, optimizer_class, parse_optim_args, takes_loss
 from .precision import weight_dtype
 from .progress import TrainProgress
 from .sdxl import add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run
@@ -42,7 +44,7 @@ class Run:
     sdxl: object
     models: list  # the trained models, as accelerate wrapped them
     named_params: dict[str, torch.nn.Parameter]
-    encoded: list
+    data: TrainingData
     optimizer: object  # accelerate's wrapper; .optimizer is ours
     lr_scheduler: object
     batches: Batches
@@ -83,22 +85,21 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
+    optimizer_class(cfg.optim)  # a missing optimizer package is known before anything loads
+    scanned = scan_data(cfg)  # data errors (and, with --strict-data, warnings) before the model loads
     with progress.task("loading model"):
         sdxl = load_sdxl(cfg.model, weight_dtype(cfg.mixed_precision))
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
-    examples = scan_folder(resolve_data(cfg.data))
-    with progress.task("encoding images", total=len(set(examples))) as advance:
-        encoded = encode_examples(sdxl, examples, cfg.resolution, device, cfg.seed,
-                                  cache_text=not cfg.train_text_encoders, bucket=cfg.bucket, progress=advance)
-    sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
-    if not cfg.train_text_encoders:
-        sdxl.text_encoder.to("meta"), sdxl.text_encoder_2.to("meta")
+    scanned.show(progress.console)
+    with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
+        data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console)
+    if cfg.record_draws and accelerator.is_main_process:
+        data.record_to(RunFolder(cfg.output).draws)
 
     params = list(named_params.values())
-    sizes = [tuple(e.latents.shape) for e in encoded]
     optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.steps)
@@ -107,9 +108,10 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     if cfg.train_text_encoders:  # wrapped too, so their gradients are synchronised across GPUs
         sdxl.text_encoder, sdxl.text_encoder_2 = accelerator.prepare(sdxl.text_encoder, sdxl.text_encoder_2)
         models += [sdxl.text_encoder, sdxl.text_encoder_2]
-    run = Run(cfg, accelerator, sdxl, models, named_params, encoded, optimizer, lr_scheduler,
-              Batches(sizes, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed))
-    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(examples),
+    run = Run(cfg, accelerator, sdxl, models, named_params, data, optimizer, lr_scheduler,
+              Batches(data.keys, data.batch_sizes, cfg.seed), torch.Generator().manual_seed(cfg.seed))
+    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(data.entries),
+                "data": scanned.summary,
                 "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "resumed_from": str(resume) if resume else None}
     if resume is not None:
@@ -117,19 +119,18 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
                                              noise_generator=run.noise)
         run.step = meta["step"]
-        run.batches = Batches(sizes, cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
+        run.batches = Batches(data.keys, data.batch_sizes, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
         progress.console.print(f"resumed from {resume} at step {run.step}")
     return run
 
 
 def micro_batch_loss(run: Run) -> torch.Tensor:
-    batch = collate([run.encoded[i] for i in run.batches.next()], run.accelerator.device)
-    if "prompt_embeds" in batch:
-        embeds, pooled = batch["prompt_embeds"], batch["pooled"]
-    else:
-        embeds, pooled = encode_prompts(run.sdxl, batch["captions"], batch["latents"].device)
-    return denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch["latents"], embeds, pooled,
-                          batch["time_ids"], run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma)
+    batch = run.data.batch(run.batches.next(), run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    embeds, pooled = batch.prompt_embeds, batch.pooled
+    if embeds is None:  # captions change per draw, or the text encoders train
+        embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
+    return denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
+                          run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma, weight=batch.weight)
 
 
 def optimizer_step(run: Run) -> float:
