@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from .atomic import check_writable
+from .dataset import check_options as check_data_options
 from .errors import UserError
 from .formats import resolve_lora_file
 from .optimizers import parse_optim_args
@@ -91,14 +92,10 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
         bad("model", "no model given: pass --model PATH|REPO_ID|tiny or a preset that sets it")
     if needs_data or cfg.model != "sdxl":  # `vram` plans "sdxl" from its shipped configs
         check_model(cfg.model)
+    if needs_data and cfg.data and cfg.data != "demo" and Path(cfg.data).expanduser().is_file():
+        bad("data", f"{cfg.data} is a file: pass the folder that holds the images, or --data demo")
+    check_data_options(cfg, needs_data)
     if needs_data:
-        if not cfg.data:
-            bad("data", "no training data given: pass --data DIR (images with .txt captions) or --data demo")
-        data = Path(cfg.data).expanduser()
-        if cfg.data != "demo" and data.exists() and not data.is_dir():
-            bad("data", f"{cfg.data} is a file: pass the folder that holds the images, or --data demo")
-        if cfg.data != "demo" and not data.is_dir():
-            bad("data", f"folder {cfg.data} does not exist: pass an existing folder of images, or --data demo")
         check_output_folder(cfg.output)
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")

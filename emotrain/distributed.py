@@ -11,8 +11,9 @@ set up).
 - The step's loss is the mean over micro-batches and processes, the same number on every
   process (what the Emo family receives and run.json records); the same all-reduce
   carries whether any process was asked to stop.
-- Encoding: each process encodes every world-th distinct image and the results are
-  shared, so an image goes through the VAE (and text encoders) once, not once per GPU.
+- Encoding: with the disk cache (the default) the main process encodes and the others
+  load its files (train.py: ``main_process_first``), so an image goes through the VAE
+  (and text encoders) once, not once per GPU; with --no-disk-cache each process encodes.
 - ``EMOTRAIN_TRACE=1``: each process writes ``trace-rank-N.jsonl`` into the output folder
   (per micro-batch the images it trained on and its own loss, at the end a checksum of its
   LoRA), to check a multi-GPU set-up.
@@ -58,19 +59,6 @@ def gather(accelerator, value) -> list:
     if accelerator.num_processes == 1:
         return [value]
     return gather_object([value])
-
-
-def encode_once(accelerator, encode, examples: list) -> list:
-    """``encode(examples) -> list`` over the distinct examples, split across processes,
-    then shared: every process gets the full list, aligned with ``examples``."""
-    if accelerator.num_processes == 1:
-        return encode(examples)
-    distinct = list(dict.fromkeys(examples))
-    mine = distinct[accelerator.process_index::accelerator.num_processes]
-    done = {}
-    for shard in gather(accelerator, list(zip(mine, encode(mine)))):
-        done.update(shard)
-    return [done[e] for e in examples]
 
 
 def effective_batch_line(batch_size: int, grad_accum: int, processes: int) -> str:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 RUN_JSON = "run.json"
+DRAWS = "draws.jsonl"  # --record-draws: every drawn image, its caption text and flip
 CHECKPOINTS = "checkpoints"
 LOCK = ".emotrain.lock"  # held for the whole run (lock.py)
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
@@ -20,7 +21,7 @@ def step_name(step: int) -> str:
 
 
 class RunFolder:
-    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``."""
+    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``, draws.jsonl."""
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
@@ -32,6 +33,9 @@ class RunFolder:
     @property
     def lock(self) -> Path:
         return self.root / LOCK
+
+    def draws(self) -> Path:
+        return self.root / DRAWS
 
     @property
     def checkpoints(self) -> Path:

@@ -27,14 +27,14 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 # shortcut) and the down/up-sampler convs.
 TARGETS = ("full", "transformer")
 
-# Help panels, in the order --help shows them.
 # Upper bounds: far beyond any real run, low enough that no count overflows torch's int64
 # or asks for absurd memory before a message can say so.
 MAX_RANK = 4096
 MAX_COUNT = 10**9
 
-GROUPS = ("Model", "Data", "LoRA", "Optimizer", "Schedule", "Loss", "Precision and memory", "Checkpoints",
-          "Outputs")
+# Help panels, in the order --help shows them.
+GROUPS = ("Model", "Data", "Captions", "Augmentation", "Cache", "LoRA", "Optimizer", "Schedule", "Loss",
+          "Precision and memory", "Checkpoints", "Outputs")
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,48 @@ OPTIONS: tuple[Option, ...] = (
        "Model", memory=True),
     _o("base_lora", list, [], "FILE[:WEIGHT] merged into the frozen base before training (repeatable).", "Model"),
     # -- data ----------------------------------------------------------------------------
-    _o("data", str, None, "Folder of images with .txt captions (N_name sub-folders repeat N times), or 'demo'.",
-       "Data"),
+    _o("data", str, None, "Folder of images with captions (N_name sub-folders repeat N times; 'name' is the "
+       "caption of images without one), or 'demo'.", "Data"),
     _o("resolution", int, 1024, "Training resolution: buckets hold at most resolution^2 pixels.", "Data",
        minimum=64, maximum=8192, multiple_of=32, memory=True, hint="(the VAE and UNet scales)"),
     _o("bucket", bool, True, "Aspect-ratio buckets; --no-bucket centre-crops every image to a square.", "Data"),
+    _o("dataset_config", str, None, "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]) "
+       "instead of --data; the flags below fill what it leaves out.", "Data", memory=True),
+    _o("reg_data", str, None, "Folder of regularization images (prior preservation), laid out like --data.", "Data"),
+    _o("alpha_mask", bool, False, "Weight the loss by each image's alpha channel (or a same-named NAME_mask.png); "
+       "off: transparency is composited on white.", "Data"),
+    _o("max_upscale", float, 2.0, "Leave out images that must be enlarged more than this to fill their bucket.",
+       "Data", minimum=1, hint="(a larger value keeps small images, blurred)"),
+    _o("strict_data", bool, False, "Stop on any data warning (missing captions, small images, ...) instead of "
+       "reporting it.", "Data", resumable=True),
+    _o("record_draws", bool, False, "Write every drawn image with its caption text and flip to draws.jsonl in "
+       "the output folder.", "Data", resumable=True),
+    # -- captions ------------------------------------------------------------------------
+    _o("caption_extension", str, ".txt", "Caption file extension (.txt, .caption, ...).", "Captions",
+       hint="(a file suffix such as .txt)"),
+    _o("caption_prefix", str, None, "Text put before every caption (a trigger word).", "Captions"),
+    _o("caption_suffix", str, None, "Text put after every caption.", "Captions"),
+    _o("shuffle_captions", bool, False, "Shuffle the comma-separated tags each time an image is drawn.", "Captions",
+       memory=True),
+    _o("keep_tokens", int, 0, "With shuffling or tag dropout: the first N tags stay in front.", "Captions",
+       minimum=0, maximum=MAX_COUNT),
+    _o("keep_tokens_separator", str, None, "Tags before this separator stay in front (instead of --keep-tokens).",
+       "Captions"),
+    _o("caption_dropout", float, 0.0, "Probability that a drawn image's whole caption is empty.", "Captions",
+       minimum=0, maximum=1, memory=True),
+    _o("tag_dropout", float, 0.0, "Probability that each (not kept) tag is dropped when an image is drawn.",
+       "Captions", minimum=0, maximum=1, memory=True),
+    _o("max_token_length", int, 75, "Caption tokens seen: 75, or 150/225 (chunks of 75 encoded separately and "
+       "joined, as sd-scripts does).", "Captions", minimum=75, maximum=225, multiple_of=75, memory=True),
+    # -- augmentation --------------------------------------------------------------------
+    _o("flip", bool, False, "Flip images horizontally at random (both orientations are cached).", "Augmentation"),
+    _o("random_crop", bool, False, "Crop at a random place each draw instead of the centre (no latent cache: the "
+       "VAE encodes every step).", "Augmentation", memory=True),
+    # -- cache ---------------------------------------------------------------------------
+    _o("cache_dir", str, None, "Folder of the latent and text-embedding cache.", "Cache",
+       default_text="$EMOTRAIN_CACHE/data or ~/.cache/emotrain/data", resumable=True),
+    _o("disk_cache", bool, True, "Keep encoded latents and text embeddings on disk and reuse them on the next "
+       "start; --no-disk-cache keeps them in memory only.", "Cache", resumable=True),
     # -- LoRA ----------------------------------------------------------------------------
     _o("targets", str, "full", "UNet layers with a LoRA: 'full' (attention, feed-forward, ResNets, samplers) "
        "or 'transformer' (sd-scripts' default set: the transformer blocks only).", "LoRA",
@@ -156,6 +193,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("min_snr_gamma", float, None, "Min-SNR-gamma loss weighting (5 is usual).", "Loss", nullable=True,
        positive=True),
     _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0, maximum=1),
+    _o("prior_loss_weight", float, 1.0, "Loss weight of regularization images.", "Loss", minimum=0),
     # -- precision and memory ------------------------------------------------------------
     _o("mixed_precision", str, "no", "Frozen weights and compute in no (fp32), fp16 or bf16; the LoRA stays fp32.",
        "Precision and memory", choices=PRECISIONS, memory=True),

@@ -15,16 +15,17 @@ from diffusers.optimization import get_scheduler
 from safetensors import SafetensorError
 
 from . import checkpoint, distributed, processes, report
-from .batches import Batches, collate, encode_examples
+from .batches import Batches
 from .config import TrainConfig
-from .data import resolve_data, scan_folder
+from .dataset.encode import prepare_data
+from .dataset.loader import TrainingData
+from .dataset.scan import scan_data
 from .errors import UserError
 from .layout import RunFolder
 from .formats import FORMATS, load_lora_file
 from .formats.model import load_into_model, lora_config_for, lora_weights_from_model
 from .optimizers import build_optimizer, check_optimizer, parse_optim_args, takes_loss
 from .precision import weight_dtype
-from .preflight import check_images
 from .progress import TrainProgress
 from .record import RunRecord
 from .sdxl import (add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run, meta_sdxl,
@@ -53,12 +54,11 @@ class Run:
     sdxl: object
     models: list  # the trained models, as accelerate wrapped them
     named_params: dict[str, torch.nn.Parameter]
-    encoded: list
+    data: TrainingData
     optimizer: object  # accelerate's wrapper; .optimizer is ours
     lr_scheduler: object
     batches: Batches
     noise: torch.Generator
-    examples: list
     stops: StopRequests
     trace: distributed.Trace
     step: int = 0
@@ -112,10 +112,10 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed.cpu_only_processes())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    # What can fail without the model fails first: the data scan, the optimizer and its arguments.
+    # What can fail without the model fails first: the data (and, with --strict-data, its
+    # warnings), the optimizer and its arguments, the LoRA files.
     with accelerator.main_process_first():  # what is built or downloaded once (demo images, tiny model)
-        examples = scan_folder(resolve_data(cfg.data))
-        check_images(e.image for e in examples)
+        scanned = scan_data(cfg)
         source = resolve_model(cfg.model)
     check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
     loras = read_loras(cfg)
@@ -125,16 +125,13 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         named_params = setup_lora(sdxl, cfg, loras)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
-    with progress.task("encoding images", total=-(-len(set(examples)) // world)) as advance:
-        encoded = distributed.encode_once(accelerator, lambda part: encode_examples(
-            sdxl, part, cfg.resolution, device, cfg.seed + rank, cache_text=not cfg.train_text_encoders,
-            bucket=cfg.bucket, progress=advance), examples)
-    sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
-    if not cfg.train_text_encoders:
-        sdxl.text_encoder.to("meta"), sdxl.text_encoder_2.to("meta")
+    scanned.show(progress.console)
+    with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
+        data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console)
+    if cfg.record_draws and accelerator.is_main_process:
+        data.record_to(RunFolder(cfg.output).draws)
 
     params = list(named_params.values())
-    sizes = [tuple(e.latents.shape) for e in encoded]
     optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
     if hasattr(optimizer, "sync_loss"):
         optimizer.sync_loss = False  # the loop hands it the loss already averaged over processes
@@ -145,23 +142,23 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     if cfg.train_text_encoders:  # wrapped too, so their gradients are synchronised across GPUs
         sdxl.text_encoder, sdxl.text_encoder_2 = accelerator.prepare(sdxl.text_encoder, sdxl.text_encoder_2)
         models += [sdxl.text_encoder, sdxl.text_encoder_2]
-    run = Run(cfg, accelerator, sdxl, models, named_params, encoded, optimizer, lr_scheduler,
-              Batches(sizes, cfg.batch_size, cfg.seed, rank=rank, world=world),
-              torch.Generator().manual_seed(distributed.noise_seed(cfg.seed, rank)), examples, stops,
+    run = Run(cfg, accelerator, sdxl, models, named_params, data, optimizer, lr_scheduler,
+              Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
+              torch.Generator().manual_seed(distributed.noise_seed(cfg.seed, rank)), stops,
               distributed.Trace(cfg.output, rank))
     folder = RunFolder(cfg.output)
-    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(examples),
-                "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
+    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(data.entries),
+                "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
                 "resumed_from": folder.relative(resume) if resume else None}
-    progress.console.print(f"{len(examples)} images; " + distributed.effective_batch_line(
+    progress.console.print(distributed.effective_batch_line(
         cfg.batch_size, cfg.grad_accum, world))
     if resume is not None:
         meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=optimizer.optimizer,
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
                                              noise_generator=run.noise, rank=rank)
         run.step, run.history = meta["step"], meta.get("history")
-        run.batches = Batches(sizes, cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"],
+        run.batches = Batches(data.keys, data.batch_sizes, cfg.seed, meta["data"]["epoch"], meta["data"]["position"],
                               rank=rank, world=world)
         progress.console.print(f"resumed from {resume} at step {run.step}")
         if meta.get("processes", 1) != world or not meta["noise_restored"]:
@@ -173,16 +170,15 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
 
 def micro_batch_loss(run: Run) -> torch.Tensor:
     indices = run.batches.next()
-    batch = collate([run.encoded[i] for i in indices], run.accelerator.device)
-    if "prompt_embeds" in batch:
-        embeds, pooled = batch["prompt_embeds"], batch["pooled"]
-    else:
-        embeds, pooled = encode_prompts(run.sdxl, batch["captions"], batch["latents"].device)
-    loss = denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch["latents"], embeds, pooled,
-                          batch["time_ids"], run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma,
+    batch = run.data.batch(indices, run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    embeds, pooled = batch.prompt_embeds, batch.pooled
+    if embeds is None:  # captions change per draw, or the text encoders train
+        embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
+    loss = denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
+                          run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma, weight=batch.weight,
                           dtype=run.sdxl.unet.dtype)
-    run.trace.write(step=run.step + 1, examples=indices, images=[run.examples[i].image.name for i in indices],
-                    loss=loss.item())
+    run.trace.write(step=run.step + 1, examples=indices, loss=loss.item(),
+                    images=[run.data.entries[i].example.image.name for i in indices])
     return loss
 
 

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .. import sdxl
+from ..dataset import Needs
 from ..errors import UserError
 from ..optimizers import EMO, NAMES, parse_optim_args
 from ..precision import weight_dtype
@@ -112,6 +113,15 @@ def network_lora_configs(cfg) -> dict:
     return {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")}
 
 
+def resident_components(cfg) -> tuple[str, ...]:
+    """What the loop keeps loaded: the UNet; the text encoders when they train or the
+    captions change per draw (shuffle, dropout: encoded every step); the VAE when random
+    crops are encoded every step."""
+    needs = Needs.of(cfg)
+    text = cfg.train_text_encoders or needs.text_encoders
+    return ("unet",) + (("text_encoder", "text_encoder_2") if text else ()) + (("vae",) if needs.vae else ())
+
+
 def plan(cfg, optims=None, shadow=None) -> dict:
     """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
     optimizer state, gradients (fp32) and frozen base weights. ``optims`` (default: the
@@ -122,8 +132,7 @@ def plan(cfg, optims=None, shadow=None) -> dict:
 
     ``total_bytes`` holds every frozen network (UNet, text encoders, VAE), as a trainer
     that keeps them loaded needs; ``training_step_bytes`` holds only what emotrain's loop
-    keeps once latents and captions are cached: the UNet, and the text encoders when
-    they are trained."""
+    keeps once latents and captions are cached (``resident_components``)."""
     started = time.perf_counter()
     rows = plan_rows(parse_optims(optims or cfg.optim), shadow_settings(cfg.shadow if shadow is None else shadow))
     modules = sdxl.meta_sdxl(cfg, network_lora_configs(cfg))
@@ -132,7 +141,7 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
     base = base_weight_bytes(modules, cfg.mixed_precision)
     base_total = sum(base.values())
-    resident = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoders else ("unet",)
+    resident = resident_components(cfg)
     base_resident = sum(base[c] for c in resident)
     args = parse_optim_args(cfg.optim_args)
 
