@@ -34,6 +34,7 @@ class RunFolder:
     def lock(self) -> Path:
         return self.root / LOCK
 
+    @property
     def draws(self) -> Path:
         return self.root / DRAWS
 

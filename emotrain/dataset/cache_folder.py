@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..atomic import check_writable
 from ..cache import cache_root
 from ..errors import UserError
 
@@ -29,3 +30,7 @@ def check_folder(folder: Path) -> None:
     if existing is not None and not os.access(existing, os.R_OK | os.W_OK | os.X_OK):
         raise UserError(f"cache folder {existing} is not readable and writable: fix its permissions, pass "
                         "another --cache-dir, or --no-disk-cache")
+    try:
+        check_writable(folder / "probe")  # what permissions cannot tell (/proc, a read-only mount)
+    except UserError as exc:
+        raise UserError(f"cache folder: {exc}, another --cache-dir, or --no-disk-cache") from None

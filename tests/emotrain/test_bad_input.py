@@ -59,6 +59,12 @@ PATH_CASES = {
                    "weight_decay='high'", "a=" + "(" * 200, NOT_UTF8 + "=1"],
     "preset": ["", "nosuch", "{dir}/missing.toml", "{dir}", "{bin_toml}", "{bad_toml}", "{unknown_toml}",
                "{nan_toml}", "{inf_rank_toml}", "{type_toml}"],
+    "dataset-config": ["", "{dir}/missing.toml", "{dir}", "{bin_toml}", "{bad_toml}", "{file}", NOT_UTF8],
+    "reg-data": ["", "{dir}/missing", "{file}", NOT_UTF8],
+    "cache-dir": ["", "{file}", "{file}/sub", NOT_UTF8, "/proc/emotrain-no-such-place"],
+    "caption-extension": ["", "txt", ".", NOT_UTF8],
+    "caption-prefix": [NOT_UTF8],
+    "keep-tokens-separator": ["", NOT_UTF8],
 }
 
 
@@ -118,7 +124,8 @@ def test_every_option_refuses_bad_values(tmp_path, monkeypatch, name, cases):
 
 @pytest.mark.parametrize("flag", list(PATH_CASES))
 def test_paths_and_names_refuse_bad_values(tmp_path, monkeypatch, files, flag):
-    base = [a for a in BASE if a not in ("--model", "tiny")] if flag == "model" else BASE
+    drop = {"model": ("--model", "tiny"), "dataset-config": ("--data", "demo")}.get(flag, ())
+    base = [a for a in BASE if a not in drop]
     run_cases(tmp_path, monkeypatch, [[f"--{flag}", v.format(**files)] for v in PATH_CASES[flag]], base=base)
 
 
@@ -165,7 +172,6 @@ def test_bad_files_in_the_data_folder(tmp_path, monkeypatch):
     for name, make in [("caption", lambda d: (d / "a.txt").write_bytes(b"caf\xe9 \xff")),
                        ("garbage", lambda d: (d / "b.png").write_bytes(b"not a png")),
                        ("empty", lambda d: (d / "b.png").write_bytes(b"")),
-                       ("folder", lambda d: (d / "b.png").mkdir()),
                        ("bomb", lambda d: Image.new("1", (20000, 20000)).save(d / "b.png"))]:
         d = tmp_path.parent / f"data-{name}"
         d.mkdir()
