@@ -17,12 +17,14 @@ from safetensors.torch import load_file
 from emotrain.checkpoint import find_checkpoint
 from helpers import FAST, run_cli, run_json, train
 
-TESTS = str(Path(__file__).resolve().parents[1])
+# Only the plugin folder goes on the path: tests/ itself holds folders named like the packages
+# (optim, emotrain), which would shadow the installed ones when the command runs elsewhere.
+PLUGINS = str(Path(__file__).resolve().parents[1] / "plugins")
 
 
 def cli(*args, cwd=None, **kwargs):
     """The real command in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), TESTS]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), PLUGINS]))}
     return subprocess.run([sys.executable, "-m", "emotrain", *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=cwd, env=env, **kwargs)
 

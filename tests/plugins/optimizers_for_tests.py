@@ -1,4 +1,4 @@
-"""Optimizers that misbehave on purpose, for `--optim optimizers_for_tests.NAME` (tests/ is
+"""Optimizers that misbehave on purpose, for `--optim optimizers_for_tests.NAME` (tests/plugins/ is
 on the path): a plain SGD that sends itself signals in the middle of an update, or
 poisons its parameters, or fails."""
 
