@@ -95,6 +95,29 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
         path, _ = parse_lora_spec(spec)
         if not Path(path).expanduser().exists():
             bad("base_lora", f"file {path} does not exist: pass FILE.safetensors[:WEIGHT]")
+    validate_watch(cfg, bad)
+
+
+def validate_watch(cfg: TrainConfig, bad) -> None:
+    """Validation, samples and logging: what can be known before a model is loaded."""
+    from .watch.prompts import read_prompt_file, sample_prompts
+
+    if cfg.val_data and cfg.val_split:
+        bad("val_split", "--val-data and --val-split both given: validate on a folder or on held-out images, not both")
+    if cfg.val_data and cfg.val_data != "demo" and not Path(cfg.val_data).expanduser().is_dir():
+        bad("val_data", f"folder {cfg.val_data} does not exist: pass an existing folder of images")
+    if cfg.val_every is not None and not (cfg.val_data or cfg.val_split):
+        bad("val_every", "no validation images: add --val-data DIR or --val-split F (e.g. 0.1)")
+    if cfg.sample_prompts and not read_prompt_file(cfg.sample_prompts):
+        bad("sample_prompts", f"{cfg.sample_prompts} holds no prompt: write one prompt a line")
+    sample_prompts(cfg)  # every line checked now, not at the first sample
+    if cfg.sample_every is not None and not (cfg.sample_prompts or cfg.sample_prompt):
+        bad("sample_every", "no prompts to sample: add --sample-prompt \"...\" or --sample-prompts FILE")
+    if cfg.log_with != "none":
+        import importlib.util
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.log_with]
+        if importlib.util.find_spec(module) is None:
+            bad("log_with", f"{cfg.log_with} is not installed: pip install {module}, or pass --log-with none")
 
 
 def preset_names() -> list[str]:

@@ -24,6 +24,8 @@ from .optimizers import build_optimizer, parse_optim_args, takes_loss
 from .precision import weight_dtype
 from .progress import TrainProgress
 from .sdxl import add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run
+from .watch.logs import accelerator_settings
+from .watch.session import Watch
 
 
 class TrainingStopped(UserError):
@@ -47,6 +49,7 @@ class Run:
     lr_scheduler: object
     batches: Batches
     noise: torch.Generator
+    watch: Watch
     step: int = 0
     info: dict = field(default_factory=dict)
 
@@ -81,7 +84,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     # accelerate keeps its settings per process; a second run in one process (the Python
     # API, tests) may use another precision. The distributed part (PartialState) stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, **accelerator_settings(cfg, RunFolder(cfg.output)))
+    watch = Watch(cfg, accelerator)  # validation, samples, logs
     device = accelerator.device
     with progress.task("loading model"):
         sdxl = load_sdxl(cfg.model, weight_dtype(cfg.mixed_precision))
@@ -89,13 +93,11 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
         named_params = setup_lora(sdxl, cfg)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
-    examples = scan_folder(resolve_data(cfg.data))
+    examples = watch.hold_out(scan_folder(resolve_data(cfg.data)))
     with progress.task("encoding images", total=len(set(examples))) as advance:
         encoded = encode_examples(sdxl, examples, cfg.resolution, device, cfg.seed,
                                   cache_text=not cfg.train_text_encoders, bucket=cfg.bucket, progress=advance)
-    sdxl.vae.to("meta")  # latents are cached: free what the loop no longer needs
-    if not cfg.train_text_encoders:
-        sdxl.text_encoder.to("meta"), sdxl.text_encoder_2.to("meta")
+    watch.prepare(sdxl, progress)  # latents are cached: frees (or parks, for samples) the VAE and frozen encoders
 
     params = list(named_params.values())
     sizes = [tuple(e.latents.shape) for e in encoded]
@@ -108,7 +110,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
         sdxl.text_encoder, sdxl.text_encoder_2 = accelerator.prepare(sdxl.text_encoder, sdxl.text_encoder_2)
         models += [sdxl.text_encoder, sdxl.text_encoder_2]
     run = Run(cfg, accelerator, sdxl, models, named_params, encoded, optimizer, lr_scheduler,
-              Batches(sizes, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed))
+              Batches(sizes, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed), watch)
     run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(examples),
                 "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "resumed_from": str(resume) if resume else None}
@@ -149,8 +151,8 @@ def optimizer_step(run: Run) -> float:
             accelerator.backward(loss / cfg.grad_accum)
         losses.append(loss.detach())
     step_loss = torch.stack(losses).mean().item()
-    if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm)
+    norm = accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
+    run.watch.before_update(run, norm)
     # Through accelerate (and its GradScaler) only a closure reaches the optimizer.
     run.optimizer.step(lambda: step_loss)
     if not accelerator.optimizer_step_was_skipped:
@@ -195,6 +197,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     if main:
         report.write_json(folder.run_json, {**run.info, "status": "running"})
 
+    run.watch.begin(run, resumed=resume is not None)
     losses, emotion, first_step, started = [], [], run.step, time.perf_counter()
     with progress:
         while run.step < cfg.steps:
@@ -214,6 +217,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
             losses.append(loss)
             emotion.append(optimizer.emotion.s if takes_loss(optimizer) else None)
             progress.update(run.step, loss, emotion[-1], run.lr_scheduler.get_last_lr()[0])
+            run.watch.after_step(run, loss)  # logs; validation and samples when due
             if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
                 save(run)
 
@@ -229,4 +233,5 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     if main:
         report.write_json(folder.run_json, summary)
         progress.summary(summary)
+    summary["report"] = run.watch.end(run)
     return summary
