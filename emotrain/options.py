@@ -187,7 +187,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("log_with", str, "tensorboard", "Where scalars and samples go: tensorboard (OUTPUT/logs/), wandb, none.",
        "Logging", choices=TRACKERS, resumable=True),
     _o("log_every", int, 10, "Figures that cost a pass or a sync (gradient norm, filter count, memory, it/s) "
-       "every N steps.", "Logging", minimum=1, resumable=True),
+       "every N steps and at the end.", "Logging", minimum=1, resumable=True),
     # -- outputs -------------------------------------------------------------------------
     _o("output", str, "output", "Output folder.", "Outputs", resumable=True),
 )

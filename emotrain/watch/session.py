@@ -108,8 +108,10 @@ class Watch:
 
     # -- inside ------------------------------------------------------------------------
     def _plan(self, run) -> None:
-        """Ask the optimizer to count its filter on the next step if that one is logged."""
-        self._log_next = self.main and (run.step + 1) % self.cfg.log_every == 0
+        """Ask the optimizer to count its filter on the next step if that one is logged
+        (every --log-every steps, and the last step)."""
+        following = run.step + 1
+        self._log_next = self.main and (following % self.cfg.log_every == 0 or following == self.cfg.steps)
         if self._log_next and hasattr(run.optimizer.optimizer, "count_filter_next_step"):
             run.optimizer.optimizer.count_filter_next_step()
         self._mark = time.perf_counter()
