@@ -32,7 +32,7 @@ def watched(tmp, name, *extra):
     prompts = tmp / "prompts.txt"
     prompts.write_text("# kohya syntax\n" + "\n".join(PROMPTS) + "\n")
     return ["--output", tmp / name, "--val-data", demo_folder(count=3, size=64, seed=5), "--val-every", "2",
-            "--sample-prompts", prompts, "--sample-every", "3", "--log-every", "2", *extra]
+            "--sample-prompts", prompts, "--sample-every", "3", "--log-every", "2", "--log-with", "tensorboard", *extra]
 
 
 COMMON = ["--optim", "emosens", "--shadow", "--steps", str(STEPS), "--lr-scheduler", "cosine", "--warmup-steps", "2"]
