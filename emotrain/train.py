@@ -207,6 +207,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                 loss = optimizer_step(run)
             except (KeyboardInterrupt, NonFiniteLoss) as stop:
                 where = save(run, data_state, noise_state)
+                run.watch.end(run)  # the report shows how far it got (and how it diverged)
                 if isinstance(stop, KeyboardInterrupt):
                     raise TrainingStopped(f"interrupted at step {run.step}; checkpoint {where}; "
                                           f"continue with: emotrain sdxl-lora --resume {output}") from None
