@@ -41,7 +41,8 @@ def learning_rate(runs):
 
 
 def emotion(runs):
-    lines = _lines(runs, "emotion/s", lw=1.2, named=True) + _lines(runs, "emotion/shadow_ratio", lw=1.0, ls=":")
+    lines = _lines(runs, "emotion/s", lw=1.2, named=True) + [
+        line for line in _lines(runs, "emotion/shadow_ratio", lw=1.0, ls=":") if runs[line["run"]].config.get("shadow")]
     others = [r.folder.name for r in runs if not r.series("emotion/s")[0]]
     note = "solid: emotion scalar s; dotted: shadow ratio" if any(r.config.get("shadow") for r in runs) else ""
     if others and lines:
