@@ -4,26 +4,28 @@ A checkpoint is a folder ``OUTPUT/checkpoints/step-NNNNNN/`` holding
 - ``trainable.safetensors``: the LoRA parameters by name (exact fp32 values);
 - ``training_state.pt``: optimizer, LR scheduler, GradScaler and RNG states, readable
   with ``torch.load(weights_only=True)`` (tensors, numbers and lists only);
-- ``checkpoint.json``: step, data order position, the resolved config, versions.
+- ``checkpoint.json``: step, data order position, the resolved config, versions, the
+  loss history so far, and each file's size and sha256 (checked before use: verify.py).
 It is written into a temporary folder and renamed into place, and ``checkpoint.json``
 is written last, so a folder without it (or a temporary one) is never taken as latest.
+Nothing non-finite is ever written: a state holding nan or inf is refused.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_tree
 from .errors import UserError
-from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, STEP_NAME, TRAINABLE, TRAINING_STATE, RunFolder, step_name
+from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, TRAINABLE, TRAINING_STATE, step_name
+from .verify import choose_checkpoint, file_record, read_json, self_checksum, step_folders
 
 # torch and numpy are imported where tensors are handled: finding and checking a
 # checkpoint (--resume's first step) is plain file work and must answer fast.
 
-FORMAT = 1
+FORMAT = 2  # 2: file sizes and sha256 recorded (verify.py)
 
 
 def rng_state() -> dict:
@@ -50,81 +52,119 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def non_finite(named_params: dict, optimizer_state: dict) -> str | None:
+    """What holds nan or inf among the parameters and the optimizer state, or None."""
+    import torch
+
+    for name, p in named_params.items():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return f"parameter {name}"
+    for index, state in optimizer_state.get("state", {}).items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return f"optimizer state {key!r} of parameter {index}"
+    return None
+
+
+class NonFiniteState(UserError):
+    """The training state holds nan/inf: it is never written as a checkpoint."""
+    status = "stopped-nan"  # what run.json says
+
+
 def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
                     data_state: dict, noise_state, config: dict, info: dict,
                     keep: int | None = None) -> Path:
-    """Write ``folder/step-NNNNNN`` atomically; then keep only the newest ``keep``."""
+    """Write ``folder/step-NNNNNN`` atomically, with every file's size and sha256 and a
+    checksum of checkpoint.json itself; then keep only the newest ``keep``. ``noise_state``
+    is one generator state, or a list with one per process."""
     import torch
     from safetensors.torch import save_file
 
+    optimizer_state = optimizer.state_dict()
+    bad = non_finite(named_params, optimizer_state)
+    if bad:
+        raise NonFiniteState(f"the training state became non-finite ({bad} holds nan or inf) by step {step}: "
+                             "not saved")
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / step_name(step)
-    with atomic_path(final, directory=True) as tmp:  # re-saving a step (a resumed run) replaces it
+    noise_states = noise_state if isinstance(noise_state, list) else [noise_state]
+    # re-saving a step (a resumed run passing it again) replaces this run's own folder
+    with atomic_path(final, directory=True, replace_folder=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in named_params.items()}, tmp / TRAINABLE)
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "noise_generator": noise_state, "rng": rng_state()}, tmp / TRAINING_STATE)
-        meta = {"format": FORMAT, "step": step, "data": data_state, "config": config, **info}
+                    "noise_generator": noise_states[0], "noise_generators": noise_states,
+                    "rng": rng_state()}, tmp / TRAINING_STATE)
+        meta = {"format": FORMAT, "step": step, "data": data_state, "config": config, **info,
+                "files": {name: file_record(tmp / name) for name in (TRAINABLE, TRAINING_STATE)}}
+        meta["sha256"] = self_checksum(meta)
         (tmp / CHECKPOINT_JSON).write_text(json.dumps(meta, indent=2))
     if keep:
         for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)  # renamed aside first: a kill midway never leaves half a checkpoint
     return final
 
 
-def is_complete(path: Path) -> bool:
-    if not all((path / f).is_file() for f in CHECKPOINT_FILES):
-        return False
-    try:
-        return json.loads((path / CHECKPOINT_JSON).read_text()).get("format") == FORMAT
-    except (ValueError, OSError):
-        return False
-
-
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_NAME.match(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
+    """Checkpoints in ``folder`` with all their files and a readable checkpoint.json,
+    oldest first (not hashed: ``verify.problem`` does that before one is used)."""
+    out = []
+    for path in step_folders(folder):
+        try:
+            read_json(path)
+        except UserError:
+            continue
+        if all((path / f).is_file() for f in CHECKPOINT_FILES):
+            out.append(path)
+    return out
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``--resume`` takes a run's output folder (its latest checkpoint) or a checkpoint folder."""
-    path = Path(path).expanduser()
-    if is_complete(path):
-        return path
-    found = list_checkpoints(RunFolder(path).checkpoints) or list_checkpoints(path)
-    if not found:
-        raise UserError(f"no complete checkpoint in {path}: pass a run's output folder or a "
-                        "checkpoints/step-NNNNNN folder (train with --save-every N to write them)")
-    return found[-1]
+    """``--resume`` takes a run's output folder (its newest good checkpoint) or a checkpoint folder."""
+    return choose_checkpoint(path)[0]
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / CHECKPOINT_JSON).read_text())
+    return read_json(path)
 
 
 def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_scheduler, scaler,
-                       noise_generator) -> dict:
-    """Load a checkpoint into freshly built training objects; returns its metadata."""
+                       noise_generator, rank: int = 0) -> dict:
+    """Load a checkpoint into freshly built training objects; returns its metadata (with
+    ``noise_restored``: whether this process's noise stream was in it)."""
     import torch
     from safetensors.torch import load_file
 
     meta = read_meta(path)
-    weights = load_file(path / TRAINABLE)
+    try:
+        weights = load_file(path / TRAINABLE)
+        state = torch.load(path / TRAINING_STATE, weights_only=True, map_location="cpu")
+    except Exception as exc:  # a damaged file that no checksum covered (a checkpoint of format 1)
+        raise UserError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:100]}): "
+                        "resume from an older checkpoint") from None
     missing = sorted(set(named_params) ^ set(weights))
     if missing:
         raise UserError(f"checkpoint {path} does not match this model's LoRA (first differing key "
                         f"{missing[0]!r}): resume with the checkpoint's own config")
+    for name, p in named_params.items():
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise UserError(f"checkpoint {path}: {name} is {tuple(weights[name].shape)} in the file but "
+                            f"{tuple(p.shape)} for its config (was checkpoint.json's rank edited?): resume with "
+                            "the checkpoint's own config")
     with torch.no_grad():
         for name, p in named_params.items():
             p.copy_(weights[name])
-    state = torch.load(path / TRAINING_STATE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    noise_generator.set_state(state["noise_generator"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise UserError(f"checkpoint {path}: its optimizer state does not fit this run ({str(exc)[:100]}): resume "
+                        "with the checkpoint's own config") from None
+    noise_states = state.get("noise_generators") or [state["noise_generator"]]
+    meta["noise_restored"] = rank < len(noise_states)
+    if meta["noise_restored"]:
+        noise_generator.set_state(noise_states[rank])
     set_rng_state(state["rng"])
     return meta

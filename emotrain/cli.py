@@ -17,9 +17,13 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+from . import processes
 from .errors import UserError
 from .options import OPTIONS, Option
 from .formats import FORMATS
+from .quiet import hide_bitsandbytes
+
+hide_bitsandbytes()  # until an 8-bit optimizer asks for it (quiet.py)
 
 MAX_HELP_WIDTH = 100
 # click's exception classes, wherever this typer takes click from (newer ones vendor it).
@@ -43,7 +47,7 @@ class OneLineErrors(TyperGroup):
             message = " ".join(exc.format_message().split())
             typer.echo(f"error: {message}{command}", err=True)
             sys.exit(2)
-        except click_exceptions.Abort:
+        except typer.Abort:
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
@@ -71,8 +75,14 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
 
 
 def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
+    # Under accelerate launch every process ends the same way: the main one speaks for a
+    # stop they agreed on; anything else a process says is marked with its rank.
+    rank = processes.rank()
+    if rank == 0:
+        typer.echo(f"error: {exc}", err=True)
+    elif not hasattr(exc, "status"):
+        typer.echo(f"error [process {rank}]: {exc}", err=True)
+    raise typer.Exit(getattr(exc, "exit_code", 2))
 
 
 # -- options from the declaration ------------------------------------------------------
@@ -241,11 +251,13 @@ def merge(
     rank: Optional[int] = typer.Option(None, help="Re-factor the combined LoRA to this rank by SVD (default: exact)."),
     conv_rank: Optional[int] = typer.Option(None, help="Rank for 3x3 convolutions with --rank (default: --rank)."),
     to: LoraFormat = typer.Option(LoraFormat["kohya"], help=f"Format of a combined LoRA file ({FORMAT_HELP})."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (never a folder)."),
 ):
     """Stack LoRAs: bake them into a base model, or combine them into one LoRA."""
     from .commands import run_merge
     try:
-        typer.echo(run_merge(lora, output, model=model, rank=rank, conv_rank=conv_rank, to=to.value))
+        typer.echo(run_merge(lora, output, model=model, rank=rank, conv_rank=conv_rank, to=to.value,
+                             overwrite=overwrite))
     except UserError as exc:
         _fail(exc)
 
@@ -255,11 +267,12 @@ def convert(
     src: str = typer.Argument(..., help=f"A LoRA file ({' or '.join(FORMATS)})."),
     dst: str = typer.Argument(..., help="Where to write it."),
     to: LoraFormat = typer.Option(..., help=f"Target format ({FORMAT_HELP})."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (never a folder)."),
 ):
     """Convert a LoRA file to another format (a DST without .safetensors is a folder)."""
     from .commands import run_convert
     try:
-        typer.echo(run_convert(src, dst, to.value))
+        typer.echo(run_convert(src, dst, to.value, overwrite=overwrite))
     except UserError as exc:
         _fail(exc)
 

@@ -9,8 +9,14 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from .atomic import check_writable
+from .dataset import check_options as check_data_options
 from .errors import UserError
+from .formats import resolve_lora_file
+from .optimizers import parse_optim_args
 from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
+from .sources import check_model, tiny_seed
+from .watch.checks import check_watch_options
 
 
 class _Derived:
@@ -77,47 +83,68 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
         raise UserError(f"{key}: {problem}")
 
     for o in OPTIONS:
-        problem = o.problem(getattr(cfg, o.name))
+        value = getattr(cfg, o.name)
+        empty = o.type is str and value is not None and not value.strip()
+        problem = ("is empty: give a value, or leave the option out" if empty else None) or o.problem(value) \
+            or _not_utf8(value)
         if problem:
             bad(o.name, f"{problem} {o.hint}".rstrip())
     if not cfg.model:
         bad("model", "no model given: pass --model PATH|REPO_ID|tiny or a preset that sets it")
+    if needs_data or cfg.model != "sdxl":  # `vram` plans "sdxl" from its shipped configs
+        check_model(cfg.model)
+    if needs_data and cfg.data and cfg.data != "demo" and Path(cfg.data).expanduser().is_file():
+        bad("data", f"{cfg.data} is a file: pass the folder that holds the images, or --data demo")
+    check_data_options(cfg, needs_data)
     if needs_data:
-        if not cfg.data:
-            bad("data", "no training data given: pass --data DIR (images with .txt captions) or --data demo")
-        if cfg.data != "demo" and not Path(cfg.data).expanduser().is_dir():
-            bad("data", f"folder {cfg.data} does not exist: pass an existing folder of images, or --data demo")
+        check_output_folder(cfg.output)
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
-    if cfg.network_weights and not Path(cfg.network_weights).expanduser().is_file():
-        bad("network_weights", f"file {cfg.network_weights} does not exist: pass an existing LoRA .safetensors")
-    for spec in cfg.base_lora:
-        path, _ = parse_lora_spec(spec)
-        if not Path(path).expanduser().exists():
-            bad("base_lora", f"file {path} does not exist: pass FILE.safetensors[:WEIGHT]")
-    validate_watch(cfg, bad)
+    try:
+        parse_optim_args(cfg.optim_args)  # key=value form and finite numbers; the optimizer checks the rest
+    except UserError as exc:
+        bad("optim_args", exc)
+    if cfg.warmup_steps > cfg.steps:
+        bad("warmup_steps", f"{cfg.warmup_steps} is more than --steps {cfg.steps}: the LR would never reach --lr; "
+            "lower --warmup-steps")
+    for key, specs in (("network_weights", [cfg.network_weights] if cfg.network_weights else []),
+                       ("base_lora", cfg.base_lora)):
+        for spec in specs:
+            try:
+                resolve_lora_file(parse_lora_spec(spec)[0] if key == "base_lora" else spec)
+            except UserError as exc:
+                bad(key, exc)
+    check_watch_options(cfg, bad)
 
 
-def validate_watch(cfg: TrainConfig, bad) -> None:
-    """Validation, samples and logging: what can be known before a model is loaded."""
-    from .watch.prompts import read_prompt_file, sample_prompts
+def _not_utf8(value) -> str | None:
+    """Paths and text go into JSON and file headers as UTF-8: bytes that are not UTF-8
+    (a shell's $'\\xff', a file name from another system) would fail at the end of a run."""
+    for text in (value if isinstance(value, list) else [value]):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{text!r} holds bytes that are not UTF-8: rename it or pass another path"
+    return None
 
-    if cfg.val_data and cfg.val_split:
-        bad("val_split", "--val-data and --val-split both given: validate on a folder or on held-out images, not both")
-    if cfg.val_data and cfg.val_data != "demo" and not Path(cfg.val_data).expanduser().is_dir():
-        bad("val_data", f"folder {cfg.val_data} does not exist: pass an existing folder of images")
-    if cfg.val_every is not None and not (cfg.val_data or cfg.val_split):
-        bad("val_every", "no validation images: add --val-data DIR or --val-split F (e.g. 0.1)")
-    if cfg.sample_prompts and not read_prompt_file(cfg.sample_prompts):
-        bad("sample_prompts", f"{cfg.sample_prompts} holds no prompt: write one prompt a line")
-    sample_prompts(cfg)  # every line checked now, not at the first sample
-    if cfg.sample_every is not None and not (cfg.sample_prompts or cfg.sample_prompt):
-        bad("sample_every", "no prompts to sample: add --sample-prompt \"...\" or --sample-prompts FILE")
-    if cfg.log_with != "none":
-        import importlib.util
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.log_with]
-        if importlib.util.find_spec(module) is None:
-            bad("log_with", f"{cfg.log_with} is not installed: pip install {module}, or pass --log-with none")
+
+def check_output_folder(output: str) -> None:
+    """A run's output must be a folder (or nothing yet) that can be made."""
+    if not str(output).strip():
+        raise UserError("output: empty: pass --output DIR")
+    path = Path(output).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output: {output} is a file: pass a folder for the run (it is created if missing)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"output: cannot create {output}: {parent} is a file")
+            break
+    try:
+        check_writable(path / "run.json")
+    except UserError as exc:
+        raise UserError(f"output: {exc}") from None
 
 
 def preset_names() -> list[str]:
@@ -127,10 +154,19 @@ def preset_names() -> list[str]:
 def read_preset(preset: str) -> tuple[dict, str]:
     """A preset by name (shipped with emotrain) or by path -> (raw table, where it came from)."""
     path = Path(preset).expanduser()
+    if not preset.strip():
+        raise UserError(f"--preset is empty: pass a .toml file or one of: {', '.join(preset_names())}")
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise UserError(f"preset {preset} is a folder: pass a .toml file or one of: {', '.join(preset_names())}")
         if not path.is_file():
             raise UserError(f"preset file {preset} does not exist: pass an existing .toml or one of: {', '.join(preset_names())}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise UserError(f"preset {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8 TOML") from None
+        except OSError as exc:
+            raise UserError(f"cannot read preset {path} ({exc.strerror}): check the file") from None
     else:
         res = resources.files("emotrain.presets").joinpath(f"{preset}.toml")
         if not res.is_file():
@@ -155,7 +191,7 @@ def check_keys(table: dict, where: str) -> dict:
 def given_values(preset: str | None, overrides: dict | None) -> dict:
     """What the preset and the command line set (the command line wins), checked for type."""
     values = {}
-    if preset:
+    if preset is not None:
         table, where = read_preset(preset)
         values.update(check_keys(table, where))
     for key, value in (overrides or {}).items():
@@ -189,3 +225,21 @@ def resumed_config(saved: TrainConfig, overrides: dict) -> TrainConfig:
                             f"a resumed run keeps its config; only {', '.join(RESUMABLE)} may change")
         changed[key] = value
     return resolve_config(None, {**saved.to_dict(), **changed})
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its local paths made absolute, as a run records it: a resume from
+    another working directory finds the same data, model and LoRAs."""
+    def absolute(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() or path == cfg.output else path
+
+    specs = []
+    for spec in cfg.base_lora:
+        path, weight = parse_lora_spec(spec)
+        specs.append(absolute(path) + ("" if path == spec else f":{weight!r}"))
+    return cfg.replace(data=cfg.data if cfg.data in (None, "demo") else absolute(cfg.data),
+                       model=cfg.model if not cfg.model or tiny_seed(cfg.model) is not None else absolute(cfg.model), output=absolute(cfg.output),
+                       network_weights=absolute(cfg.network_weights) if cfg.network_weights else None,
+                       base_lora=specs)
+

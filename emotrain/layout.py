@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 RUN_JSON = "run.json"
+DRAWS = "draws.jsonl"  # --record-draws: every drawn image, its caption text and flip
 CHECKPOINTS = "checkpoints"
+LOCK = ".emotrain.lock"  # held for the whole run (lock.py)
 STEP_NAME = re.compile(r"^step-(\d{6,})$")
 # A checkpoint folder's files; checkpoint.json is written last and marks it complete.
 TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON = "trainable.safetensors", "training_state.pt", "checkpoint.json"
@@ -33,9 +35,9 @@ def sweep_run_name(optim: str, shadow: bool, lr: float | None = None) -> str:
 
 
 class RunFolder:
-    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``, ``samples/``,
-    ``logs/`` (TensorBoard), metrics.jsonl, report.html; a sweep's folder holds sweep.json,
-    report.html and one such run folder per optimizer."""
+    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``, draws.jsonl,
+    ``samples/``, ``logs/`` (TensorBoard), metrics.jsonl, report.html; a sweep's folder holds
+    sweep.json, report.html and one such run folder per optimizer."""
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
@@ -45,11 +47,40 @@ class RunFolder:
         return self.root / RUN_JSON
 
     @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def draws(self) -> Path:
+        return self.root / DRAWS
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / step_name(step)
+
+    def trace(self, rank: int) -> Path:
+        """EMOTRAIN_TRACE=1: what process ``rank`` trained on (distributed.py)."""
+        return self.root / f"trace-rank-{rank}.jsonl"
+
+    def relative(self, path) -> str:
+        """``path`` as run.json records it: relative to the run folder when inside it, so
+        a copied or moved run folder still describes itself."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path.resolve())
+
+    @staticmethod
+    def of_checkpoint(checkpoint) -> "RunFolder | None":
+        """The run folder a checkpoint folder belongs to (``RUN/checkpoints/step-N``)."""
+        checkpoint = Path(checkpoint).expanduser()
+        if checkpoint.parent.name == CHECKPOINTS:
+            return RunFolder(checkpoint.parent.parent)
+        return None
 
     @property
     def samples(self) -> Path:

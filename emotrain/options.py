@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import UserError
 from .optimizers import NAMES as OPTIMIZER_NAMES
 from .precision import PRECISIONS
 from .watch.prompts import SAMPLERS
@@ -27,9 +28,14 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 # shortcut) and the down/up-sampler convs.
 TARGETS = ("full", "transformer")
 
+# Upper bounds: far beyond any real run, low enough that no count overflows torch's int64
+# or asks for absurd memory before a message can say so.
+MAX_RANK = 4096
+MAX_COUNT = 10**9
+
 # Help panels, in the order --help shows them.
-GROUPS = ("Model", "Data", "LoRA", "Optimizer", "Schedule", "Loss", "Precision and memory", "Checkpoints",
-          "Validation", "Samples", "Logging", "Outputs")
+GROUPS = ("Model", "Data", "Captions", "Augmentation", "Cache", "LoRA", "Optimizer", "Schedule", "Loss",
+          "Precision and memory", "Checkpoints", "Validation", "Samples", "Logging", "Outputs")
 TRACKERS = ("tensorboard", "wandb", "none")
 EVERY_DEFAULT = "save_every, else 10% of the steps"  # watch/schedule.py
 
@@ -114,20 +120,57 @@ OPTIONS: tuple[Option, ...] = (
        "Model", memory=True),
     _o("base_lora", list, [], "FILE[:WEIGHT] merged into the frozen base before training (repeatable).", "Model"),
     # -- data ----------------------------------------------------------------------------
-    _o("data", str, None, "Folder of images with .txt captions (N_name sub-folders repeat N times), or 'demo'.",
-       "Data"),
+    _o("data", str, None, "Folder of images with captions (N_name sub-folders repeat N times; 'name' is the "
+       "caption of images without one), or 'demo'.", "Data"),
     _o("resolution", int, 1024, "Training resolution: buckets hold at most resolution^2 pixels.", "Data",
-       minimum=64, multiple_of=32, memory=True, hint="(the VAE and UNet scales)"),
+       minimum=64, maximum=8192, multiple_of=32, memory=True, hint="(the VAE and UNet scales)"),
     _o("bucket", bool, True, "Aspect-ratio buckets; --no-bucket centre-crops every image to a square.", "Data"),
+    _o("dataset_config", str, None, "sd-scripts dataset TOML ([general], [[datasets]], [[datasets.subsets]]) "
+       "instead of --data; the flags below fill what it leaves out.", "Data", memory=True),
+    _o("reg_data", str, None, "Folder of regularization images (prior preservation), laid out like --data.", "Data"),
+    _o("alpha_mask", bool, False, "Weight the loss by each image's alpha channel (or a same-named NAME_mask.png); "
+       "off: transparency is composited on white.", "Data"),
+    _o("max_upscale", float, 2.0, "Leave out images that must be enlarged more than this to fill their bucket.",
+       "Data", minimum=1, hint="(a larger value keeps small images, blurred)"),
+    _o("strict_data", bool, False, "Stop on any data warning (missing captions, small images, ...) instead of "
+       "reporting it.", "Data", resumable=True),
+    _o("record_draws", bool, False, "Write every drawn image with its caption text and flip to draws.jsonl in "
+       "the output folder.", "Data", resumable=True),
+    # -- captions ------------------------------------------------------------------------
+    _o("caption_extension", str, ".txt", "Caption file extension (.txt, .caption, ...).", "Captions",
+       hint="(a file suffix such as .txt)"),
+    _o("caption_prefix", str, None, "Text put before every caption (a trigger word).", "Captions"),
+    _o("caption_suffix", str, None, "Text put after every caption.", "Captions"),
+    _o("shuffle_captions", bool, False, "Shuffle the comma-separated tags each time an image is drawn.", "Captions",
+       memory=True),
+    _o("keep_tokens", int, 0, "With shuffling or tag dropout: the first N tags stay in front.", "Captions",
+       minimum=0, maximum=MAX_COUNT),
+    _o("keep_tokens_separator", str, None, "Tags before this separator stay in front (instead of --keep-tokens).",
+       "Captions"),
+    _o("caption_dropout", float, 0.0, "Probability that a drawn image's whole caption is empty.", "Captions",
+       minimum=0, maximum=1, memory=True),
+    _o("tag_dropout", float, 0.0, "Probability that each (not kept) tag is dropped when an image is drawn.",
+       "Captions", minimum=0, maximum=1, memory=True),
+    _o("max_token_length", int, 75, "Caption tokens seen: 75, or 150/225 (chunks of 75 encoded separately and "
+       "joined, as sd-scripts does).", "Captions", minimum=75, maximum=225, multiple_of=75, memory=True),
+    # -- augmentation --------------------------------------------------------------------
+    _o("flip", bool, False, "Flip images horizontally at random (both orientations are cached).", "Augmentation"),
+    _o("random_crop", bool, False, "Crop at a random place each draw instead of the centre (no latent cache: the "
+       "VAE encodes every step).", "Augmentation", memory=True),
+    # -- cache ---------------------------------------------------------------------------
+    _o("cache_dir", str, None, "Folder of the latent and text-embedding cache.", "Cache",
+       default_text="$EMOTRAIN_CACHE/data or ~/.cache/emotrain/data", resumable=True),
+    _o("disk_cache", bool, True, "Keep encoded latents and text embeddings on disk and reuse them on the next "
+       "start; --no-disk-cache keeps them in memory only.", "Cache", resumable=True),
     # -- LoRA ----------------------------------------------------------------------------
     _o("targets", str, "full", "UNet layers with a LoRA: 'full' (attention, feed-forward, ResNets, samplers) "
        "or 'transformer' (sd-scripts' default set: the transformer blocks only).", "LoRA",
        choices=TARGETS, memory=True),
-    _o("rank", int, 16, "LoRA rank of linear layers and 1x1 convs.", "LoRA", minimum=1, memory=True),
+    _o("rank", int, 16, "LoRA rank of linear layers and 1x1 convs.", "LoRA", minimum=1, maximum=MAX_RANK, memory=True),
     _o("alpha", float, None, "LoRA alpha; the scale is alpha/rank.", "LoRA", nullable=True,
        default_text="the rank", positive=True),
     _o("conv_rank", int, None, "Rank of 3x3 convolutions; 0 leaves them out (full targets only).", "LoRA",
-       nullable=True, default_text="the rank", minimum=0, memory=True),
+       nullable=True, default_text="the rank", minimum=0, maximum=MAX_RANK, memory=True),
     _o("conv_alpha", float, None, "Alpha of 3x3 convolutions.", "LoRA", nullable=True,
        default_text="the alpha", positive=True),
     _o("train_text_encoders", bool, False, "Give both text encoders a LoRA too.", "LoRA", memory=True),
@@ -137,21 +180,23 @@ OPTIONS: tuple[Option, ...] = (
     _o("shadow", bool, False, "The Emo shadow-system (one parameter-sized buffer).", "Optimizer", memory=True),
     _o("optim_args", list, [], "Optimizer keyword arguments key=value (repeatable, or several in one quoted string).",
        "Optimizer", split=True, memory=True),
-    _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, hint="(the Emo family works well at 2e-4 to 4e-4)"),
+    _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, maximum=10,
+       hint="(the Emo family works well at 2e-4 to 4e-4)"),
     _o("max_grad_norm", float, 1.0, "Gradient clipping norm; 0 turns clipping off.", "Optimizer", nullable=True,
        minimum=0),
     # -- schedule ------------------------------------------------------------------------
-    _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, resumable=True),
-    _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, memory=True),
-    _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1),
+    _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, maximum=MAX_COUNT, resumable=True),
+    _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, maximum=4096, memory=True),
+    _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1, maximum=MAX_COUNT),
     _o("lr_scheduler", str, "constant", "LR schedule.", "Schedule", choices=SCHEDULERS, choice_word="scheduler"),
-    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0),
+    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0, maximum=MAX_COUNT),
     _o("seed", int, 42, "Seed of the LoRA init, data order and noise.", "Schedule", minimum=0,
        maximum=2**32 - 1),
     # -- loss ----------------------------------------------------------------------------
     _o("min_snr_gamma", float, None, "Min-SNR-gamma loss weighting (5 is usual).", "Loss", nullable=True,
        positive=True),
-    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0),
+    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0, maximum=1),
+    _o("prior_loss_weight", float, 1.0, "Loss weight of regularization images.", "Loss", minimum=0),
     # -- precision and memory ------------------------------------------------------------
     _o("mixed_precision", str, "no", "Frozen weights and compute in no (fp32), fp16 or bf16; the LoRA stays fp32.",
        "Precision and memory", choices=PRECISIONS, memory=True),
@@ -159,15 +204,16 @@ OPTIONS: tuple[Option, ...] = (
        "Precision and memory", memory=True),
     # -- checkpoints ---------------------------------------------------------------------
     _o("save_every", int, 0, "Write a checkpoint every N optimizer steps (0: only at the end).", "Checkpoints",
-       minimum=0, resumable=True),
-    _o("keep_checkpoints", int, 3, "Keep the newest K checkpoints.", "Checkpoints", minimum=1, resumable=True),
+       minimum=0, maximum=MAX_COUNT, resumable=True),
+    _o("keep_checkpoints", int, 3, "Keep the newest K checkpoints.", "Checkpoints", minimum=1, maximum=MAX_COUNT,
+       resumable=True),
     # -- validation ----------------------------------------------------------------------
     _o("val_data", str, None, "Folder of validation images with .txt captions (same conventions as --data), or "
        "'demo'; never trained on.", "Validation"),
     _o("val_split", float, 0.0, "Hold out this fraction of the training images for validation (chosen from "
        "their file names, never trained on).", "Validation", minimum=0, maximum=0.9),
     _o("val_every", int, None, "Validation loss every N steps, and at step 0 and the end (0: only those).",
-       "Validation", nullable=True, default_text=EVERY_DEFAULT, minimum=0, resumable=True),
+       "Validation", nullable=True, default_text=EVERY_DEFAULT, minimum=0, maximum=MAX_COUNT, resumable=True),
     _o("val_timesteps", int, 4, "Timesteps per validation image, spread over the schedule (fixed with their "
        "noise from --seed).", "Validation", minimum=1, maximum=100),
     # -- samples -------------------------------------------------------------------------
@@ -176,7 +222,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("sample_prompt", list, [], "A sample prompt, same options as a prompt-file line (repeatable).", "Samples",
        resumable=True),
     _o("sample_every", int, None, "Sample images every N steps, and at step 0 and the end (0: only those).",
-       "Samples", nullable=True, default_text=EVERY_DEFAULT, minimum=0, resumable=True),
+       "Samples", nullable=True, default_text=EVERY_DEFAULT, minimum=0, maximum=MAX_COUNT, resumable=True),
     _o("sample_sampler", str, "euler", "Sampler of the samples (kohya's names; --ss per prompt).", "Samples",
        choices=SAMPLERS, choice_word="sampler", resumable=True),
     _o("sample_steps", int, 25, "Denoising steps per sample (--s per prompt).", "Samples", minimum=1, maximum=1000,
@@ -187,9 +233,11 @@ OPTIONS: tuple[Option, ...] = (
     _o("log_with", str, "tensorboard", "Where scalars and samples go: tensorboard (OUTPUT/logs/), wandb, none.",
        "Logging", choices=TRACKERS, resumable=True),
     _o("log_every", int, 10, "Figures that cost a pass or a sync (gradient norm, filter count, memory, it/s) "
-       "every N steps and at the end.", "Logging", minimum=1, resumable=True),
+       "every N steps and at the end.", "Logging", minimum=1, maximum=MAX_COUNT, resumable=True),
     # -- outputs -------------------------------------------------------------------------
     _o("output", str, "output", "Output folder.", "Outputs", resumable=True),
+    _o("progress_every", float, 30.0, "Without a terminal (nohup, CI, > log): a plain progress line every N seconds.",
+       "Outputs", minimum=0, maximum=86400, resumable=True),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -198,15 +246,27 @@ RESUMABLE = tuple(o.name for o in OPTIONS if o.resumable)
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``path`` or ``path:weight`` -> (path, weight). Only a trailing number counts as a
-    weight, so drive letters and colons inside names stay part of the path."""
+    """``path`` or ``path:weight`` -> (path, weight). A path that exists is a path, colons
+    and all; otherwise what follows the last colon must be a finite number when what
+    precedes it is an existing file (``a.safetensors:abc`` is a bad weight, not a missing
+    file)."""
+    from pathlib import Path
+
+    if not spec.strip():
+        raise UserError("an empty LoRA entry: pass FILE.safetensors[:WEIGHT]")
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not head or Path(spec).expanduser().exists():
+        return spec, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if Path(head).expanduser().exists():
+            raise UserError(f"bad weight {tail!r} in {spec!r}: write FILE:WEIGHT with a number, e.g. "
+                            f"{head}:0.8") from None
+        return spec, 1.0
+    if not math.isfinite(weight):
+        raise UserError(f"bad weight {tail!r} in {spec!r}: a LoRA's weight must be a finite number, e.g. {head}:0.8")
+    return head, weight
 
 
 def markdown_table() -> str:

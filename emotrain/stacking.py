@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import sdxl
 from .atomic import atomic_path
 from .errors import UserError
 from .options import parse_lora_spec
@@ -43,8 +44,6 @@ def load_weighted(specs, unet_config=None) -> WeightedLoras:
 def merge_into_base(model, loras: WeightedLoras) -> None:
     """Add ``weight * delta`` of every LoRA to the base weights, in place. ``model`` is an
     SDXL (emotrain.sdxl.SDXL or a pipeline) or a (unet, text_encoders) pair."""
-    from . import sdxl  # here: importing the SDXL package costs seconds, and config imports this module
-
     targets = sdxl.component_models(model)
     updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for weights, scale in loras:
@@ -76,12 +75,10 @@ def save_merged_pipeline(model_source: str, loras: WeightedLoras, output_dir, dt
     """Load ``model_source`` (anything --model accepts), bake ``loras`` in and write a
     diffusers SDXL folder. Written next to ``output_dir`` under a temporary name and
     renamed into place, so a crash never leaves half a model under the real name."""
-    from .sdxl import load_pipeline
-
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise UserError(f"output {output_dir} already exists: remove it or choose another folder")
-    pipe, _ = load_pipeline(model_source)
+    pipe, _ = sdxl.load_pipeline(model_source)
     merge_into_base(pipe, loras)
     if dtype is not None:
         pipe.to(dtype=dtype)
@@ -130,8 +127,6 @@ def _parts(loras: WeightedLoras) -> dict[str, list[tuple[LoraModule, float]]]:
         if len(shapes) > 1:
             raise UserError(f"{name} has different shapes in the LoRAs being combined ({sorted(shapes)}): "
                             "they were made for different models")
-    from . import sdxl
-
     order = {c: i for i, c in enumerate(sdxl.COMPONENTS)}
     return dict(sorted(by_module.items(), key=lambda kv: (order[kv[0].split(".", 1)[0]], kv[0])))
 

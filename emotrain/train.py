@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -11,25 +12,36 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
+from safetensors import SafetensorError
 
-from . import checkpoint, report
-from .batches import Batches, collate, encode_examples
+from . import checkpoint, distributed, processes, report
+from .batches import Batches
 from .config import TrainConfig
-from .data import resolve_data, scan_folder
+from .dataset.encode import prepare_data
+from .dataset.loader import TrainingData
+from .dataset.scan import scan_data
 from .errors import UserError
 from .layout import RunFolder
 from .formats import FORMATS, load_lora_file
 from .formats.model import load_into_model, lora_config_for, lora_weights_from_model
-from .optimizers import build_optimizer, parse_optim_args, takes_loss
+from .optimizers import build_optimizer, check_optimizer, parse_optim_args, takes_loss
 from .precision import weight_dtype
 from .progress import TrainProgress
-from .sdxl import add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run
+from .record import RunRecord
+from .sdxl import (add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run, meta_sdxl,
+                   resolve_model, unet_config)
+from .signals import Interrupted, StopRequests
 from .watch.logs import accelerator_settings
 from .watch.session import Watch
 
 
 class TrainingStopped(UserError):
-    """The run stopped early (interrupt, NaN loss); a checkpoint was saved."""
+    """The run stopped early (interrupt, NaN loss); ``status`` goes into run.json."""
+
+    def __init__(self, message: str, status: str):
+        super().__init__(message)
+        self.status = status
+        self.exit_code = 130 if status == "interrupted" else 2
 
 
 class NonFiniteLoss(Exception):
@@ -44,23 +56,40 @@ class Run:
     sdxl: object
     models: list  # the trained models, as accelerate wrapped them
     named_params: dict[str, torch.nn.Parameter]
-    encoded: list
+    data: TrainingData
     optimizer: object  # accelerate's wrapper; .optimizer is ours
     lr_scheduler: object
     batches: Batches
     noise: torch.Generator
-    watch: Watch
+    stops: StopRequests
+    trace: distributed.Trace
+    watch: Watch  # validation, samples, logs
     step: int = 0
     info: dict = field(default_factory=dict)
+    history: dict | None = None  # the losses up to the checkpoint resumed from
 
 
-def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
+def read_loras(cfg: TrainConfig) -> tuple:
+    """--network-weights and --base-lora read against the model's module names from its
+    config alone, and the start LoRA fitted into the model built on the meta device, so a
+    LoRA for another model (or of other shapes) is refused before the weights load."""
+    from .stacking import load_weighted
+    config = unet_config(cfg.model)
+    start = load_lora_file(cfg.network_weights, config) if cfg.network_weights else None
+    if start is not None:
+        meta = meta_sdxl(cfg, {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")})
+        encoders = (meta["text_encoder"], meta["text_encoder_2"]) if cfg.train_text_encoders else None
+        load_into_model(meta["unet"], encoders, start)
+    return start, load_weighted(cfg.base_lora, config)
+
+
+def setup_lora(sdxl, cfg: TrainConfig, loras: tuple | None = None) -> dict[str, torch.nn.Parameter]:
     """Bake any base LoRAs into the frozen weights, inject the new LoRA (fresh, or from
     --network-weights) and return the trainable parameters by name."""
-    if cfg.base_lora:
-        from .stacking import apply_base_loras, load_weighted
-        apply_base_loras(sdxl.unet, sdxl.text_encoders, load_weighted(cfg.base_lora, sdxl.unet.config))
-    start = load_lora_file(cfg.network_weights) if cfg.network_weights else None
+    start, bases = loras or read_loras(cfg)
+    if bases:
+        from .stacking import apply_base_loras
+        apply_base_loras(sdxl.unet, sdxl.text_encoders, bases)
     components = {"unet": sdxl.unet}
     if cfg.train_text_encoders:
         components.update(text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2)
@@ -79,29 +108,39 @@ def setup_lora(sdxl, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> Run:
+def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stops: StopRequests) -> Run:
     """Model with LoRA, encoded data, optimizer and schedule; restored if resuming."""
     # accelerate keeps its settings per process; a second run in one process (the Python
     # API, tests) may use another precision. The distributed part (PartialState) stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, **accelerator_settings(cfg, RunFolder(cfg.output)))
-    watch = Watch(cfg, accelerator)  # validation, samples, logs
-    device = accelerator.device
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed.cpu_only_processes(),
+                              **accelerator_settings(cfg, RunFolder(cfg.output)))
+    watch = Watch(cfg, accelerator)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    # What can fail without the model fails first: the data (and, with --strict-data, its
+    # warnings), the optimizer and its arguments, the LoRA files.
+    with accelerator.main_process_first():  # what is built or downloaded once (demo images, tiny model)
+        scanned = watch.hold_out(scan_data(cfg))  # --val-split images are never trained on
+        source = resolve_model(cfg.model)
+    check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
+    loras = read_loras(cfg)
     with progress.task("loading model"):
-        sdxl = load_sdxl(cfg.model, weight_dtype(cfg.mixed_precision))
+        sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision))
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
-        named_params = setup_lora(sdxl, cfg)
+        named_params = setup_lora(sdxl, cfg, loras)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
-    examples = watch.hold_out(scan_folder(resolve_data(cfg.data)))
-    with progress.task("encoding images", total=len(set(examples))) as advance:
-        encoded = encode_examples(sdxl, examples, cfg.resolution, device, cfg.seed,
-                                  cache_text=not cfg.train_text_encoders, bucket=cfg.bucket, progress=advance)
-    watch.prepare(sdxl, progress)  # latents are cached: frees (or parks, for samples) the VAE and frozen encoders
+    scanned.show(progress.console)
+    with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
+        data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console, watch.keeps_encoders)
+    watch.prepare(sdxl, data, progress)  # the validation set encoded; encoders freed, or parked for samples
+    if cfg.record_draws and accelerator.is_main_process:
+        data.record_to(RunFolder(cfg.output).draws)
 
     params = list(named_params.values())
-    sizes = [tuple(e.latents.shape) for e in encoded]
     optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
+    if hasattr(optimizer, "sync_loss"):
+        optimizer.sync_loss = False  # the loop hands it the loss already averaged over processes
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                  num_training_steps=cfg.steps)
     unet, optimizer = accelerator.prepare(sdxl.unet, optimizer)
@@ -109,34 +148,51 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress) -> R
     if cfg.train_text_encoders:  # wrapped too, so their gradients are synchronised across GPUs
         sdxl.text_encoder, sdxl.text_encoder_2 = accelerator.prepare(sdxl.text_encoder, sdxl.text_encoder_2)
         models += [sdxl.text_encoder, sdxl.text_encoder_2]
-    run = Run(cfg, accelerator, sdxl, models, named_params, encoded, optimizer, lr_scheduler,
-              Batches(sizes, cfg.batch_size, cfg.seed), torch.Generator().manual_seed(cfg.seed), watch)
-    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(examples),
-                "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
-                "resumed_from": str(resume) if resume else None}
+    run = Run(cfg, accelerator, sdxl, models, named_params, data, optimizer, lr_scheduler,
+              Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
+              torch.Generator().manual_seed(distributed.noise_seed(cfg.seed, rank)), stops,
+              distributed.Trace(cfg.output, rank), watch)
+    folder = RunFolder(cfg.output)
+    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(data.entries),
+                "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
+                "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
+                "resumed_from": folder.relative(resume) if resume else None}
+    progress.console.print(distributed.effective_batch_line(
+        cfg.batch_size, cfg.grad_accum, world))
     if resume is not None:
         meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=optimizer.optimizer,
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
-                                             noise_generator=run.noise)
-        run.step = meta["step"]
-        run.batches = Batches(sizes, cfg.batch_size, cfg.seed, meta["data"]["epoch"], meta["data"]["position"])
+                                             noise_generator=run.noise, rank=rank)
+        run.step, run.history = meta["step"], meta.get("history")
+        run.batches = Batches(data.keys, data.batch_sizes, cfg.seed, meta["data"]["epoch"], meta["data"]["position"],
+                              rank=rank, world=world)
         progress.console.print(f"resumed from {resume} at step {run.step}")
+        if meta.get("processes", 1) != world or not meta["noise_restored"]:
+            progress.console.print(f"note: the checkpoint was written by {meta.get('processes', 1)} process(es), "
+                                   f"this run has {world}: it continues, but not bit-identically to an "
+                                   "uninterrupted run")
     return run
 
 
 def micro_batch_loss(run: Run) -> torch.Tensor:
-    batch = collate([run.encoded[i] for i in run.batches.next()], run.accelerator.device)
-    if "prompt_embeds" in batch:
-        embeds, pooled = batch["prompt_embeds"], batch["pooled"]
-    else:
-        embeds, pooled = encode_prompts(run.sdxl, batch["captions"], batch["latents"].device)
-    return denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch["latents"], embeds, pooled,
-                          batch["time_ids"], run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma)
+    indices = run.batches.next()
+    batch = run.data.batch(indices, run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    embeds, pooled = batch.prompt_embeds, batch.pooled
+    if embeds is None:  # captions change per draw, or the text encoders train
+        embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
+    loss = denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
+                          run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma, weight=batch.weight,
+                          dtype=run.sdxl.unet.dtype)
+    run.trace.write(step=run.step + 1, examples=indices, loss=loss.item(),
+                    images=[run.data.entries[i].example.image.name for i in indices])
+    return loss
 
 
 def optimizer_step(run: Run) -> float:
     """Accumulate gradients over the micro-batches, then one optimizer step; returns the
-    step's loss (the mean over micro-batches), which the Emo family also receives."""
+    step's loss (the mean over micro-batches and processes), which the Emo family also
+    receives. A stop asked for (signals.py) or a non-finite loss ends the step before the
+    update, on every process alike."""
     cfg, accelerator = run.cfg, run.accelerator
     losses = []
     for micro in range(cfg.grad_accum):
@@ -146,11 +202,13 @@ def optimizer_step(run: Run) -> float:
                     context.enter_context(accelerator.no_sync(model))
             context.enter_context(accelerator.autocast())
             loss = micro_batch_loss(run)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(loss.item())
             accelerator.backward(loss / cfg.grad_accum)
         losses.append(loss.detach())
-    step_loss = torch.stack(losses).mean().item()
+    step_loss, stop = distributed.agree(accelerator, torch.stack(losses).mean(), run.stops.requested is not None)
+    if stop:
+        raise Interrupted(run.stops.requested or "a signal to another process")
+    if not math.isfinite(step_loss):
+        raise NonFiniteLoss(step_loss)
     norm = accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
     run.watch.before_update(run, norm)
     # Through accelerate (and its GradScaler) only a closure reaches the optimizer.
@@ -161,18 +219,50 @@ def optimizer_step(run: Run) -> float:
     return step_loss
 
 
-def save(run: Run, data_state: dict | None = None, noise_state: torch.Tensor | None = None) -> Path:
+def save(run: Run, history: dict, data_state: dict | None = None, noise_state: torch.Tensor | None = None) -> Path:
     """A checkpoint of the run after ``run.step`` steps (by default: where it is now).
-    Every process holds the same state; the main one writes it."""
+    Every process holds the same LoRA and optimizer state (its own noise stream); the main
+    one writes them all. A state holding nan/inf is refused on every process alike."""
     folder = RunFolder(run.cfg.output)
+    noise_states = distributed.gather(run.accelerator, run.noise.get_state() if noise_state is None else noise_state)
+    optimizer = run.optimizer.optimizer
+    bad = checkpoint.non_finite(run.named_params, optimizer.state_dict())
+    if bad:
+        found = checkpoint.list_checkpoints(folder.checkpoints)
+        raise checkpoint.NonFiniteState(f"the training state holds nan or inf ({bad}) at step {run.step}: not saved; "
+                                        + (f"the last good checkpoint is {found[-1]}" if found else
+                                           "there is no earlier checkpoint") + "; start again with a lower --lr")
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return folder.checkpoint(run.step)
-    return checkpoint.save_checkpoint(
-        folder.checkpoints, step=run.step, named_params=run.named_params,
-        optimizer=run.optimizer.optimizer, lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
-        data_state=data_state or run.batches.state_dict(), noise_state=run.noise.get_state() if noise_state is None else noise_state,
-        config=run.cfg.to_dict(), info={"versions": run.info["versions"]}, keep=run.cfg.keep_checkpoints)
+    try:
+        return checkpoint.save_checkpoint(
+            folder.checkpoints, step=run.step, named_params=run.named_params, optimizer=optimizer,
+            lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
+            data_state=data_state or run.batches.state_dict(), noise_state=noise_states, config=run.cfg.to_dict(),
+            info={"versions": run.info["versions"], "processes": run.accelerator.num_processes, "history": history},
+            keep=run.cfg.keep_checkpoints)
+    except (OSError, SafetensorError) as exc:  # a full or failing disk: the previous checkpoint is intact
+        found = checkpoint.list_checkpoints(folder.checkpoints)
+        raise UserError(f"could not write checkpoint {folder.checkpoint(run.step)} ({exc}): free space or fix the "
+                        "disk, then --resume " + str(folder.root) + (f" (from {found[-1].name})" if found else "")) \
+            from None
+
+
+def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> TrainingStopped:
+    """Save the state where the interrupted step began, and say how to go on."""
+    output = run.cfg.output
+    try:
+        where = f"checkpoint {save(run, record.history(), *start)}"
+    except checkpoint.NonFiniteState as exc:
+        where = str(exc)
+    record.outcome = {"checkpoint": where}
+    if isinstance(reason, Interrupted):
+        return TrainingStopped(f"interrupted at step {run.step} ({reason.args[0]}); {where}; continue with: "
+                               f"emotrain sdxl-lora --resume {output}", "interrupted")
+    return TrainingStopped(f"loss became {reason.args[0]} at step {run.step + 1}: stopped; the last good state is "
+                           f"{where} (--resume {output} continues from it; if the run diverged, start again with "
+                           "a lower --lr)", "stopped-nan")
 
 
 def save_lora(run: Run, output: Path) -> dict:
@@ -181,58 +271,52 @@ def save_lora(run: Run, output: Path) -> dict:
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     weights = lora_weights_from_model(sdxl.unet, text_encoders)
     metadata = report.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
-    return {name: str(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
+    folder = RunFolder(output)
+    return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}
 
 
 def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     folder = RunFolder(cfg.output)
-    output = folder.root
-    progress = TrainProgress(cfg.steps)
-    run = prepare(cfg, resume, progress)
-    progress.enabled(run.accelerator.is_local_main_process)
-    optimizer = run.optimizer.optimizer
-    run.info.update(config=cfg.to_dict(), started_at=time.time())
-    main = run.accelerator.is_main_process
-    if main:
-        report.write_json(folder.run_json, {**run.info, "status": "running"})
+    progress = TrainProgress(cfg.steps, every=cfg.progress_every)
+    progress.enabled(processes.is_local_main())  # one process of a multi-GPU run speaks
+    with StopRequests() as stops:  # Ctrl-C and SIGTERM: a checkpoint, then a message (signals.py)
+        run = prepare(cfg, resume, progress, stops)
+        optimizer = run.optimizer.optimizer
+        run.info.update(config=cfg.to_dict(), started_at=time.time())
+        main = run.accelerator.is_main_process
+        with run.watch.reporting(run), RunRecord(folder, run.info, main, run.history, run.step) as record:
+            run.watch.begin(run, resumed=resume is not None)  # logs; step-0 validation and samples
+            first_step, started = run.step, time.perf_counter()
+            stops.defer()
+            with progress:
+                while run.step < cfg.steps:
+                    # Where this step starts: a stop inside it saves (and resumes from) here.
+                    start = run.batches.state_dict(), run.noise.get_state()
+                    try:
+                        loss = optimizer_step(run)
+                    except (Interrupted, NonFiniteLoss) as reason:
+                        raise stopped(run, record, reason, start) from None
+                    run.step += 1
+                    record.add(loss, optimizer.emotion.s if takes_loss(optimizer) else None)
+                    progress.update(run.step, loss, record.emotion[-1], run.lr_scheduler.get_last_lr()[0])
+                    run.watch.after_step(run, loss)  # logs; validation and samples when due
+                    if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+                        save(run, record.history())
 
-    run.watch.begin(run, resumed=resume is not None)
-    losses, emotion, first_step, started = [], [], run.step, time.perf_counter()
-    with progress:
-        while run.step < cfg.steps:
-            # Where this step starts: a stop inside it resumes from here.
-            data_state, noise_state = run.batches.state_dict(), run.noise.get_state()
-            try:
-                loss = optimizer_step(run)
-            except (KeyboardInterrupt, NonFiniteLoss) as stop:
-                where = save(run, data_state, noise_state)
-                run.watch.end(run)  # the report shows how far it got (and how it diverged)
-                if isinstance(stop, KeyboardInterrupt):
-                    raise TrainingStopped(f"interrupted at step {run.step}; checkpoint {where}; "
-                                          f"continue with: emotrain sdxl-lora --resume {output}") from None
-                raise TrainingStopped(f"loss became {stop.args[0]} at step {run.step + 1}: stopped; the last good "
-                                      f"state is checkpoint {where} (--resume {output} continues from it; "
-                                      "if the run diverged, start again with a lower --lr)") from None
-            run.step += 1
-            losses.append(loss)
-            emotion.append(optimizer.emotion.s if takes_loss(optimizer) else None)
-            progress.update(run.step, loss, emotion[-1], run.lr_scheduler.get_last_lr()[0])
-            run.watch.after_step(run, loss)  # logs; validation and samples when due
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
-                save(run)
-
-    elapsed = time.perf_counter() - started
-    final = save(run)
-    summary = {**run.info, "status": "finished", "steps": run.step, "steps_this_run": run.step - first_step,
-               "seconds": elapsed, "steps_per_second": (run.step - first_step) / elapsed if elapsed else None,
-               "losses": losses, "emotion_scalar": emotion, "final_loss": losses[-1] if losses else None,
-               "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
-               "checkpoint": str(final), "files": save_lora(run, output) if main else {},
-               "memory": report.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
-                                              [run.sdxl.unet])}
+            elapsed = time.perf_counter() - started
+            final = save(run, record.history())
+            run.trace.params(run.step, run.named_params)
+            summary = {"steps": run.step, "steps_this_run": run.step - first_step, "seconds": elapsed,
+                       "steps_per_second": (run.step - first_step) / elapsed if elapsed else None,
+                       "final_loss": record.losses[-1] if record.losses else None,
+                       "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
+                       "checkpoint": folder.relative(final), "files": save_lora(run, folder.root) if main else {},
+                       "memory": report.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
+                                                      [run.sdxl.unet])}
+            record.write("finished", **summary)
+    summary = {**run.info, **summary, "status": "finished", "losses": record.losses,
+               "emotion_scalar": record.emotion}
     if main:
-        report.write_json(folder.run_json, summary)
-        progress.summary(summary)
-    summary["report"] = run.watch.end(run)
+        progress.summary(summary, folder.root)
     return summary

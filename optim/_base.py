@@ -22,11 +22,22 @@ from ._emotion import (EmotionState, Emotion, filter_threshold, loss_to_float,
 from ._stats import StepStats
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Foreach lists are processed in chunks of about this many elements: it bounds the
-# temporaries of a step to two chunk-sized buffers and keeps each chunk cache-resident
-# across the several passes of an update.
+# Foreach lists are processed in chunks of about this many elements. On the CPU a chunk
+# stays cache-resident across the several passes of an update. On an accelerator every
+# foreach call costs host time per kernel launch, so chunks are far larger there; they
+# only bound the step's temporaries (two chunk-sized fp32 buffers, 128 MiB).
 CHUNK_NUMEL = 1 << 16
+DEVICE_CHUNK_NUMEL = 1 << 24
+# Tests set this to run the accelerator code paths on CPU tensors against the oracle.
+_DEVICE_PATH_ON_CPU = False
 EMOTION_KEY = "emotion"  # reserved top-level key of state_dict()
+
+
+def on_accelerator(device: torch.device) -> bool:
+    """Whether the foreach paths take their accelerator form on ``device``: no per-tensor
+    Python work, no host round trips (the filter stays on the device), EmoAiry's factored
+    tensors reduced in same-shape stacks. CUDA steps were host-bound, launches dominating."""
+    return device.type != "cpu" or _DEVICE_PATH_ON_CPU
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -54,6 +65,7 @@ class EmoOptimizer(torch.optim.Optimizer):
     """Base class; see EmoSens / EmoAiry / EmoCats for the rules."""
 
     _state_dtype = staticmethod(state_dtype)
+    _stacks_by_shape = False  # the accelerator form of the rule stacks same-shape tensors
 
     def __init__(self, params, defaults: dict[str, Any], *, foreach: bool | None,
                  fused: bool, sync_loss: bool) -> None:
@@ -217,36 +229,37 @@ class EmoOptimizer(torch.optim.Optimizer):
         return None
 
     def _step_group(self, group: dict[str, Any], hp: StepScalars, ratio: float) -> None:
-        buckets: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+        # Comprehensions rather than one loop with many branches: this runs over every
+        # parameter on every step, and on CUDA its Python time adds to the step's.
+        ps = [p for p in group["params"] if p.grad is not None]
+        gs = [p.grad for p in ps]
+        if any(g.is_sparse for g in gs):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if not all(p.numel() for p in ps):
+            gs = [g for p, g in zip(ps, gs) if p.numel()]
+            ps = [p for p in ps if p.numel()]
         state = self.state
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if p.numel() == 0:
-                continue
-            st = state[p]
+        ss = [state[p] for p in ps]
+        for p, st in zip(ps, ss):
             if not st:
                 self._init_param_state(p, st)
-            ps, gs, ss = buckets[(p.device, p.dtype)]
-            ps.append(p)
-            gs.append(g)
-            ss.append(st)
         fused = group["fused"]
         foreach = group["foreach"]
         if foreach is None:
             foreach = not fused
-        for (device, dtype), (ps, gs, ss) in buckets.items():
+        for (device, dtype), (bp, bg, bs) in _buckets(ps, gs, ss):
             if fused and self._fused_ready(device):
-                self._run_list(ps, gs, ss, hp, ratio, dtype, self._fused)
+                self._run_list(bp, bg, bs, hp, ratio, dtype, self._fused)
             elif foreach or fused:
-                for lo, hi in _chunks(ps):
-                    self._run_list(ps[lo:hi], gs[lo:hi], ss[lo:hi], hp, ratio, dtype,
-                                   self._foreach)
+                size = CHUNK_NUMEL
+                if on_accelerator(device):
+                    size = DEVICE_CHUNK_NUMEL
+                    if self._stacks_by_shape:  # same shapes adjacent: fewer, larger stacks
+                        bp, bg, bs = _by_shape(bp, bg, bs)
+                for lo, hi in _chunks(bp, size):
+                    self._run_list(bp[lo:hi], bg[lo:hi], bs[lo:hi], hp, ratio, dtype, self._foreach)
             else:
-                for p, g, st in zip(ps, gs, ss):
+                for p, g, st in zip(bp, bg, bs):
                     self._run_single(p, g, st, hp, ratio)
 
     def _fused_ready(self, device: torch.device) -> bool:
@@ -261,8 +274,11 @@ class EmoOptimizer(torch.optim.Optimizer):
     def _run_list(self, ps, gs, ss, hp, ratio, dtype, kernel) -> None:
         if dtype in _LOW_PRECISION:
             # Update computed in float32 and written back (spec 8).
-            work = [p.float() for p in ps]
-            gs = [g.float() for g in gs]
+            if on_accelerator(ps[0].device):
+                work, gs = _float_copies(ps), _float_copies(gs)
+            else:
+                work = [p.float() for p in ps]
+                gs = [g.float() for g in gs]
         else:
             work = ps
         if ratio > 0.0:
@@ -314,15 +330,70 @@ class EmoOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
-def _chunks(ps: list[torch.Tensor]):
+def _buckets(ps, gs, ss):
+    """((device, dtype), (params, grads, states)) per device and dtype, in first-seen order."""
+    keys = [(p.device, p.dtype) for p in ps]
+    first = keys[0] if keys else None
+    if all(k == first for k in keys):
+        return [(first, (ps, gs, ss))] if keys else []
+    out: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+    for k, p, g, st in zip(keys, ps, gs, ss):
+        bp, bg, bs = out[k]
+        bp.append(p)
+        bg.append(g)
+        bs.append(st)
+    return list(out.items())
+
+
+def _by_shape(ps, gs, ss):
+    groups: dict[torch.Size, list[int]] = {}
+    for i, p in enumerate(ps):
+        groups.setdefault(p.shape, []).append(i)
+    order = [i for idx in groups.values() for i in idx]
+    return [ps[i] for i in order], [gs[i] for i in order], [ss[i] for i in order]
+
+
+def _chunks(ps: list[torch.Tensor], size: int = CHUNK_NUMEL):
     lo, acc = 0, 0
     for i, p in enumerate(ps):
         acc += p.numel()
-        if acc >= CHUNK_NUMEL:
+        if acc >= size:
             yield lo, i + 1
             lo, acc = i + 1, 0
     if lo < len(ps):
         yield lo, len(ps)
+
+
+def _float_copies(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 copies of ``ts`` as views of one buffer: one allocation and one foreach copy
+    instead of a cast kernel per tensor."""
+    numels = [t.numel() for t in ts]
+    flat = torch.empty(sum(numels), dtype=torch.float32, device=ts[0].device)
+    out = [v.view(t.shape) for v, t in zip(flat.split(numels), ts)]
+    torch._foreach_copy_(out, ts)
+    return out
+
+
+def open_masks(gs: list[torch.Tensor], thr3: float, strict_square: bool = False) -> list[torch.Tensor]:
+    """The filter as a factor per element, 1 where it lets the update through and 0 where
+    it holds it back, computed without leaving the device (the accelerator paths).
+
+    sign(|g| - thr3) is exactly -1, 0 or 1 (a rounded difference keeps its sign and is 0
+    only for equal operands), so min(sign + 1, 1) is [|g| >= thr3]; ``strict_square``
+    (EmoAiry's vectors): max(sign(g*g - thr3), 0) is [g*g > thr3].
+    """
+    if strict_square:
+        m = torch._foreach_mul(gs, gs)
+    else:
+        m = torch._foreach_abs(gs)
+    torch._foreach_sub_(m, thr3)
+    torch._foreach_sign_(m)
+    if strict_square:
+        torch._foreach_clamp_min_(m, 0.0)
+    else:
+        torch._foreach_add_(m, 1.0)
+        torch._foreach_clamp_max_(m, 1.0)
+    return m
 
 
 def masked_indices(gs: list[torch.Tensor], limit: float, strict_square: bool = False) -> list[int]:

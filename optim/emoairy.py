@@ -6,7 +6,7 @@ import torch
 
 from . import _native
 from ._stats import count_factored, count_square_at_most
-from ._base import EmoOptimizer, StepScalars, masked_indices
+from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator
 from .emosens import emosens_foreach
 
 
@@ -35,24 +35,30 @@ def emoairy_update(p: torch.Tensor, g: torch.Tensor, st: dict, hp: StepScalars) 
     p.add_(u, alpha=-hp.step_size)
 
 
-def _open_filter(xs: list[torch.Tensor], thr3: float) -> list[torch.Tensor]:
-    # 1 where x ** (1/3) > thr, else +inf: dividing a denominator by it zeroes the step.
-    return [torch.where(x > thr3, 1.0, float("inf")) for x in xs]
+def _open_filter(x: torch.Tensor, thr3: float) -> torch.Tensor:
+    # 1 where x ** (1/3) > thr, else +inf: multiplying a denominator by it zeroes the step.
+    return torch.where(x > thr3, 1.0, float("inf"))
+
+
+def _may_close(hp: StepScalars) -> bool:
+    # R, C >= eps: with the usual eps > threshold ** 3 every filter is open (spec 11).
+    return hp.eps <= hp.thr3 * (1 + 1e-6)
 
 
 def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
+    if on_accelerator(ps[0].device):
+        emoairy_matrix_stacked(ps, gs, rows, cols, hp)
+        return
     sq = torch._foreach_mul(gs, gs)
     R, C = map(list, zip(*[_factor_means(x) for x in sq]))
     del sq
     torch._foreach_add_(R, hp.eps)
     torch._foreach_add_(C, hp.eps)
-    # R, C >= eps: with the usual eps > threshold ** 3 every filter is open (spec 11).
     closed = set()
-    if hp.eps <= hp.thr3 * (1 + 1e-6):
+    if _may_close(hp):
         closed = set(masked_indices(R, hp.thr3 * (1 + 1e-6))) | set(
             masked_indices(C, hp.thr3 * (1 + 1e-6)))
-    gates = {i: (_open_filter([R[i]], hp.thr3)[0], _open_filter([C[i]], hp.thr3)[0])
-             for i in closed}
+    gates = {i: (_open_filter(R[i], hp.thr3), _open_filter(C[i], hp.thr3)) for i in closed}
     torch._foreach_sqrt_(R)
     torch._foreach_sqrt_(C)
     torch._foreach_lerp_(rows, R, 1 - hp.beta1)
@@ -67,6 +73,43 @@ def emoairy_matrix_foreach(ps, gs, rows, cols, hp: StepScalars) -> None:
     denom = torch._foreach_addcmul([eps] * len(gs), sr, sc)  # the parameter-sized temporary
     if hp.wd != 0:
         torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)  # not * (1 - lr*wd): see emocats
+    torch._foreach_addcdiv_(ps, gs, denom, value=-hp.step_size)
+
+
+def emoairy_matrix_stacked(ps, gs, rows, cols, hp: StepScalars) -> None:
+    """The accelerator form of the same rule: factor means and denominators are computed
+    for all same-shape tensors at once (SDXL's 1,576 LoRA tensors come in under 30
+    shapes), a few kernels per shape instead of several per tensor, no host round trip."""
+    groups: dict[torch.Size, list[int]] = {}
+    for i, g in enumerate(gs):
+        groups.setdefault(g.shape, []).append(i)
+    gate = _may_close(hp)
+    R, C, gates = [None] * len(gs), [None] * len(gs), {}
+    for shape, idx in groups.items():
+        sq = torch.stack([gs[i] for i in idx])  # (n, d0, d1, ...)
+        sq.mul_(sq)
+        r = sq.mean(dim=tuple(range(2, sq.dim())), keepdim=True).add_(hp.eps)  # (n, d0, 1, ...)
+        c = sq.mean(dim=1, keepdim=True).add_(hp.eps)  # (n, 1, d1, ...)
+        del sq
+        if gate:
+            gates[shape] = (_open_filter(r, hp.thr3), _open_filter(c, hp.thr3))
+        for i, a, b in zip(idx, r.sqrt_().unbind(0), c.sqrt_().unbind(0)):
+            R[i], C[i] = a, b
+    torch._foreach_lerp_(rows, R, 1 - hp.beta1)
+    torch._foreach_lerp_(cols, C, 1 - hp.beta1)
+    del R, C
+    denom = [None] * len(gs)
+    for shape, idx in groups.items():
+        # sqrt(r) * sqrt(c) as on the CPU path
+        sr = torch.stack([rows[i] for i in idx]).sqrt_()
+        sc = torch.stack([cols[i] for i in idx]).sqrt_()
+        if shape in gates:
+            sr.mul_(gates[shape][0])
+            sc.mul_(gates[shape][1])
+        for i, d in zip(idx, sr.mul(sc).add_(hp.eps).unbind(0)):  # parameter-sized in all
+            denom[i] = d
+    if hp.wd != 0:
+        torch._foreach_add_(ps, ps, alpha=-hp.lr * hp.wd)
     torch._foreach_addcdiv_(ps, gs, denom, value=-hp.step_size)
 
 
@@ -120,6 +163,8 @@ EMOAIRY(double, f64, sqrt)
 
 class EmoAiry(EmoOptimizer):
     """Adafactor-like member of the Emo family (see optim/SPEC.md, section 5)."""
+
+    _stacks_by_shape = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01, use_shadow: bool = False, *,

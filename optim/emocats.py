@@ -6,7 +6,7 @@ import torch
 
 from . import _native
 from ._stats import count_below
-from ._base import EmoOptimizer, StepScalars, masked_indices
+from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator, open_masks
 
 
 def _decay(hp: StepScalars) -> float:
@@ -29,8 +29,11 @@ def emocats_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
 
 def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     """Same rule on a list; closed filter entries zero the sign."""
+    device = on_accelerator(ps[0].device)
+    # CPU: mask only the rare tensors the filter closes in (emosens_foreach says why);
+    # accelerator: a 0/1 factor on the device, no host round trip.
+    closed = [] if device else masked_indices(gs, hp.thr3)
     # lerp: one pass instead of mul + add (differs from b1*m + (1-b1)*g only in rounding)
-    closed = masked_indices(gs, hp.thr3)  # before c: one temporary at a time
     c = torch._foreach_lerp(exp_avgs, gs, 1 - hp.beta1)  # the one parameter-sized temporary
     torch._foreach_sign_(c)
     for i in closed:
@@ -38,7 +41,10 @@ def emocats_foreach(ps, gs, exp_avgs, hp: StepScalars) -> None:
     decay = _decay(hp)
     if decay != 0:
         torch._foreach_add_(ps, ps, alpha=-decay)
-    torch._foreach_add_(ps, c, alpha=-hp.step_size)
+    if device:
+        torch._foreach_addcmul_(ps, c, open_masks(gs, hp.thr3), value=-hp.step_size)
+    else:
+        torch._foreach_add_(ps, c, alpha=-hp.step_size)
     torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta2)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from . import _native
 from ._stats import count_below
-from ._base import EmoOptimizer, StepScalars, masked_indices
+from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator, open_masks
 
 
 def emosens_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
@@ -25,12 +25,18 @@ def emosens_foreach(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars, strict_squar
     """Same rule on a list; the filter is folded into the denominator (1/inf = 0).
     ``strict_square``: the filter of EmoAiry's vectors (g * g > thr ** 3), which otherwise
     share this rule (spec 5)."""
-    closed = masked_indices(gs, hp.thr3, strict_square)  # before denom: one temporary at a time
+    device = on_accelerator(ps[0].device)
+    # CPU: find the rare tensors the filter closes in and mask only those (one temporary
+    # at a time). Accelerator: mask everything on the device rather than wait for the
+    # answer on the host.
+    closed = [] if device else masked_indices(gs, hp.thr3, strict_square)
     torch._foreach_lerp_(exp_avgs, gs, 1 - hp.beta1)
     torch._foreach_mul_(exp_avg_sqs, hp.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, gs, gs, value=1 - hp.beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)  # the one parameter-sized temporary
     torch._foreach_add_(denom, hp.eps)
+    if device:
+        torch._foreach_div_(denom, open_masks(gs, hp.thr3, strict_square))  # x / 0 = inf
     for i in closed:
         shut = gs[i] * gs[i] <= hp.thr3 if strict_square else gs[i].abs() < hp.thr3
         denom[i].masked_fill_(shut, float("inf"))

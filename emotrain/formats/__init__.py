@@ -70,7 +70,10 @@ def header_passthrough(metadata: dict) -> dict:
     return {k: v for k, v in metadata.items() if k not in layout}
 
 
-def _resolve_file(path) -> Path:
+def resolve_lora_file(path) -> Path:
+    """The LoRA file a path names (a folder may hold one); pure file checks, no torch."""
+    if not str(path).strip():
+        raise UserError("a LoRA path is empty: pass FILE.safetensors")
     p = Path(path).expanduser()
     if p.is_dir():
         if (p / FOLDER_FILE).is_file():
@@ -91,12 +94,16 @@ def _resolve_file(path) -> Path:
 def load_lora_file(path, unet_config=None):
     """Read a LoRA file of any registered format, or a folder holding one, into LoraWeights.
     ``unet_config`` fixes the UNet's module names (default: SDXL's)."""
-    from .common import read_safetensors
+    from . import common
 
-    p = _resolve_file(path)
-    tensors, header = read_safetensors(p)
+    p = resolve_lora_file(path)
+    tensors, header = common.read_safetensors(p)
     if not tensors:
         raise UserError(f"LoRA file {p} holds no tensors: it is not a LoRA")
+    bad = common.first_non_finite(tensors)
+    if bad:
+        raise UserError(f"LoRA file {p} holds non-finite values (nan or inf, first in {bad!r}): it is damaged or "
+                        "came from a diverged run; use another file")
     keys = list(tensors)
     fmt = next((f for f in FORMATS.values() if f.detect(keys)), None)
     if fmt is None:

@@ -32,9 +32,21 @@ def atomic_save(tensors: dict[str, torch.Tensor], header: dict[str, str], path: 
     from safetensors.torch import save_file
     if not tensors:
         raise UserError("there are no LoRA modules to save: the LoRA is empty")
+    bad = first_non_finite(tensors)
+    if bad:  # a LoRA file of nan/inf would load anywhere and ruin every image
+        raise UserError(f"not writing {path}: {bad} holds nan or inf values (the inputs or their weights "
+                        "are too large or damaged)")
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
     return path
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first floating-point tensor's name that holds nan or inf, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def stringify(metadata: dict | None) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """SDXL's conditioning and the denoising loss, as in Stability's and diffusers' training:
-both text encoders' penultimate hidden states side by side, the second encoder's pooled
-projection, micro-conditioning on original size / crop / target size, VAE latents times
-the VAE's scaling factor, and the target the scheduler's prediction type asks for."""
+micro-conditioning on original size / crop / target size, VAE latents times the VAE's
+scaling factor, and the target the scheduler's prediction type asks for (the text
+conditioning is in prompts.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,6 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from ..errors import UserError
-
-
-def encode_prompts(sdxl, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (prompt embeddings [B, 77, d1 + d2], pooled embeddings [B, d2])."""
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip((sdxl.tokenizer, sdxl.tokenizer_2), sdxl.text_encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
-    return torch.cat(hidden, dim=-1), pooled
 
 
 def time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
@@ -36,21 +24,25 @@ def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator | None =
 
 
 def denoising_loss(unet, scheduler, latents, prompt_embeds, pooled, add_time_ids, generator: torch.Generator,
-                   noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None,
+                   weight: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
     """One noisy sample per latent at a random timestep; the mean MSE to the scheduler's
     target, weighted by min-SNR-gamma when asked. Random numbers come from ``generator``
-    on the CPU, so a run is reproducible on any device and resumable exactly."""
+    on the CPU, so a run is reproducible on any device and resumable exactly.
+    ``weight`` multiplies the squared error per latent pixel ([B, 1, h, w]: a loss mask)
+    or per sample ([B, 1, 1, 1]: the prior-loss weight of regularization images), as
+    sd-scripts does: a pixel of weight 0 gives no gradient."""
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
         noise += noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
     return noised_loss(unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, add_time_ids,
-                       min_snr_gamma).mean()
+                       min_snr_gamma, weight, dtype).mean()
 
 
 def noised_loss(unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, add_time_ids,
-                min_snr_gamma: float | None = None) -> torch.Tensor:
+                min_snr_gamma: float | None = None, weight: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
     """The loss of each sample at the given noise and timesteps (training draws them;
     validation fixes them once), weighted as training weights it."""
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
@@ -63,10 +55,13 @@ def noised_loss(unet, scheduler, latents, noise, timesteps, prompt_embeds, poole
     else:
         raise UserError(f"the model's scheduler predicts {kind!r}, which LoRA training does not support: "
                         "use an epsilon or v-prediction SDXL model")
-    dtype = unet.dtype
+    dtype = dtype or unet.dtype  # a DistributedDataParallel wrapper has none: the caller says
     pred = unet(noisy.to(dtype), timesteps, prompt_embeds.to(dtype),
                 added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": add_time_ids.to(dtype)}).sample
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weight is not None:
+        error = error * weight.to(error.device, error.dtype)
+    per_sample = error.mean(dim=(1, 2, 3))
     if min_snr_gamma:
         snr = compute_snr(scheduler, timesteps)
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)

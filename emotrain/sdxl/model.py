@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+from ..sources import check_model, is_hub_id, tiny_seed
 
 
 @dataclass
@@ -29,25 +28,14 @@ class SDXL:
 
 
 def resolve_model(model: str) -> str:
-    """``tiny``, a diffusers folder, a single checkpoint file, or a hub repo id
+    """``tiny[:SEED]``, a diffusers folder, a single checkpoint file, or a hub repo id
     (through huggingface_hub's cache) -> a local path."""
-    if model == "tiny" or model.startswith("tiny:"):
+    seed = tiny_seed(model)
+    if seed is not None:
         from .tiny import tiny_sdxl_path
-        seed = int(model.split(":", 1)[1]) if ":" in model else 0
         return str(tiny_sdxl_path(seed))
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
-            raise UserError(f"model folder {path} is not a diffusers SDXL folder (no model_index.json or unet/): "
-                            "pass a folder saved by save_pretrained, a .safetensors checkpoint, a hub id or 'tiny'")
-        return str(path)
-    if path.suffix in SINGLE_FILE_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"model file {path} does not exist: check the path")
-        if path.suffix == ".ckpt":
-            raise UserError(f"{path} is a pickle checkpoint, which emotrain never loads: convert it to .safetensors")
-        return str(path)
-    if model.count("/") == 1 and not path.exists():
+    check_model(model)
+    if is_hub_id(model):
         from huggingface_hub import snapshot_download
         try:
             return snapshot_download(model, allow_patterns=["*.json", "*.txt", "*.safetensors"],
@@ -55,8 +43,7 @@ def resolve_model(model: str) -> str:
         except Exception as exc:  # network, auth or a missing repo: one line, not a traceback
             raise UserError(f"could not fetch model {model!r} from the hub ({type(exc).__name__}): "
                             "check the repo id and your connection, or pass a local folder") from None
-    raise UserError(f"model {model!r} not found: pass a diffusers SDXL folder, a .safetensors file, "
-                    "a hub repo id (owner/name) or 'tiny'")
+    return str(Path(model).expanduser())
 
 
 def load_pipeline(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32):

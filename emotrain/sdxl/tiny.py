@@ -87,6 +87,9 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     """Write the tiny model as a diffusers SDXL folder; same seed, same weights."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bars: noise for a 1 MB model
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab = _write_tokenizer(Path(tmp) / "tokenizer", "<|endoftext|>")

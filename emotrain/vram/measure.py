@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from contextlib import nullcontext
 import resource
 import sys
 
@@ -55,14 +56,16 @@ def _random_batch(config, batch_size: int, resolution: int | None, device, gener
     return batch
 
 
-def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = None, lr: float = 1e-4) -> dict:
+def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = None, lr: float = 1e-4,
+            progress=None) -> dict:
     """Run ``steps`` real training steps per optimizer on the UNet with the run's LoRA
     (batch size, resolution, precision and checkpointing from ``cfg``; random latents
     and conditioning) and compare the optimizer state it really holds with the plan.
 
     Shadow-on rows tell the optimizer a loss that jumps on step 2 (``EMOTION_JUMP``), so
     the lazily allocated shadow buffer exists by the end (needs steps >= 2); each row says
-    on which step the shadow appeared, or that it did not.
+    on which step the shadow appeared, or that it did not. ``progress``: a TrainProgress
+    whose bar (or, without a terminal, plain lines) counts the steps.
     """
     from diffusers import DDPMScheduler
 
@@ -76,7 +79,8 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
     planned = plan(cfg.replace(train_text_encoders=False), names, shadow)
     torch.manual_seed(cfg.seed)
     lora_config = network_lora_configs(cfg).get("unet") or sdxl.lora_config_for_run(cfg)
-    unet = sdxl.random_lora_unet(model, lora_config, device, dtype)
+    with progress.task("building the UNet") if progress else nullcontext():
+        unet = sdxl.random_lora_unet(model, lora_config, device, dtype)
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -87,40 +91,43 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
     args = parse_optim_args(cfg.optim_args)
 
     results = {}
-    for name, s in rows:
-        key = row_key(name, s)
-        for p in params:
-            p.grad = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        opt = build_optimizer(name, params, lr, shadow=s, args=args)
-        shadow_step, losses = None, []
-        for step in range(1, steps + 1):
-            batch = _random_batch(unet.config, cfg.batch_size, cfg.resolution, device, generator)
-            with autocast:  # the training loop's own loss, on random latents and conditioning
-                loss = sdxl.denoising_loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
-                                           batch["time_ids"], generator)
-            loss.backward()
-            value = loss.item()
-            losses.append(value)
-            if takes_loss(opt):
-                opt.step(loss=value + (EMOTION_JUMP if s and step == 2 else 0.0))
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            if s and shadow_step is None and _has_shadow(opt):
-                shadow_step = step
-        measured = measure_state_bytes(opt)
-        planned_bytes = planned["optimizers"][key]["state_bytes"]
-        results[key] = {
-            "optimizer": name, "shadow": s, "planned_state_bytes": planned_bytes,
-            "measured_state_bytes": measured, "match": measured == planned_bytes,
-            "shadow_allocated_step": shadow_step, "losses": losses,
-            "cuda": cuda_memory_report(device) if device.type == "cuda" else None,
-        }
-        del opt
+    phase = progress.task("measuring", total=len(rows) * steps) if progress else nullcontext(lambda n=1: None)
+    with phase as advance:
+        for name, s in rows:
+            key = row_key(name, s)
+            for p in params:
+                p.grad = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            opt = build_optimizer(name, params, lr, shadow=s, args=args)
+            shadow_step, losses = None, []
+            for step in range(1, steps + 1):
+                batch = _random_batch(unet.config, cfg.batch_size, cfg.resolution, device, generator)
+                with autocast:  # the training loop's own loss, on random latents and conditioning
+                    loss = sdxl.denoising_loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
+                                               batch["time_ids"], generator)
+                loss.backward()
+                value = loss.item()
+                losses.append(value)
+                if takes_loss(opt):
+                    opt.step(loss=value + (EMOTION_JUMP if s and step == 2 else 0.0))
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+                advance()
+                if s and shadow_step is None and _has_shadow(opt):
+                    shadow_step = step
+            measured = measure_state_bytes(opt)
+            planned_bytes = planned["optimizers"][key]["state_bytes"]
+            results[key] = {
+                "optimizer": name, "shadow": s, "planned_state_bytes": planned_bytes,
+                "measured_state_bytes": measured, "match": measured == planned_bytes,
+                "shadow_allocated_step": shadow_step, "losses": losses,
+                "cuda": cuda_memory_report(device) if device.type == "cuda" else None,
+            }
+            del opt
     return {"model": model, "device": str(device), "steps": steps, "rank": cfg.rank,
             "conv_rank": planned["conv_rank"], "targets": cfg.targets, "mixed_precision": cfg.mixed_precision,
             "batch_size": cfg.batch_size, "resolution": cfg.resolution,

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .. import sdxl
+from ..dataset import Needs
 from ..errors import UserError
 from ..optimizers import EMO, NAMES, parse_optim_args
 from ..precision import weight_dtype
@@ -112,6 +113,15 @@ def network_lora_configs(cfg) -> dict:
     return {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")}
 
 
+def resident_components(cfg) -> tuple[str, ...]:
+    """What the loop keeps loaded: the UNet; the text encoders when they train or the
+    captions change per draw (shuffle, dropout: encoded every step); the VAE when random
+    crops are encoded every step."""
+    needs = Needs.of(cfg)
+    text = cfg.train_text_encoders or needs.text_encoders
+    return ("unet",) + (("text_encoder", "text_encoder_2") if text else ()) + (("vae",) if needs.vae else ())
+
+
 def plan(cfg, optims=None, shadow=None) -> dict:
     """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
     optimizer state, gradients (fp32) and frozen base weights. ``optims`` (default: the
@@ -122,9 +132,9 @@ def plan(cfg, optims=None, shadow=None) -> dict:
 
     ``total_bytes`` holds every frozen network (UNet, text encoders, VAE), as a trainer
     that keeps them loaded needs; ``training_step_bytes`` holds only what emotrain's loop
-    keeps once latents and captions are cached: the UNet, and the text encoders when
-    they are trained. ``sampling_bytes``: the weights a sample during training holds
-    (activations of the sample not included)."""
+    keeps once latents and captions are cached (``resident_components``).
+    ``sampling_bytes``: the weights a sample during training holds (activations of the
+    sample not included)."""
     started = time.perf_counter()
     rows = plan_rows(parse_optims(optims or cfg.optim), shadow_settings(cfg.shadow if shadow is None else shadow))
     modules = sdxl.meta_sdxl(cfg, network_lora_configs(cfg))
@@ -133,12 +143,12 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
     base = base_weight_bytes(modules, cfg.mixed_precision)
     base_total = sum(base.values())
-    resident = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoders else ("unet",)
+    resident = resident_components(cfg)
     # Sampling brings back what caching freed: the VAE and frozen text encoders
     # (--sample-keep-models keeps them on the GPU all run instead).
     for_samples = tuple(c for c in ("text_encoder", "text_encoder_2", "vae") if c not in resident)
     if cfg.sample_keep_models:
-        resident, for_samples = resident + for_samples, ()
+        resident, for_samples = tuple(resident) + for_samples, ()
     base_resident = sum(base[c] for c in resident)
     sample_models = sum(base[c] for c in for_samples)
     args = parse_optim_args(cfg.optim_args)

@@ -48,7 +48,9 @@ def format_table(p: dict) -> str:
     ref = p["reference"]
     lines = [
         "All in MB = 10^6 bytes. LoRA weights and gradients fp32. Base: UNet + both text encoders + VAE (VAE fp32).",
-        f"Train step: Total less what emotrain frees once latents and captions are cached (it keeps {kept}).",
+        f"Train step: Total less what emotrain frees once latents and captions are cached (it keeps {kept}"
+        + (": the data changes per draw" if len(p["resident_while_training"]) > (3 if p["train_text_encoders"] else 1)
+           else "") + ").",
         "Not included: activations, CUDA context, allocator slack (the same for every optimizer).",
         _sampling_line(p),
         "LoRA parameters by layer kind:"]

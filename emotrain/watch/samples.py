@@ -58,14 +58,19 @@ def make_scheduler(name: str, config):
 
 
 def frozen_parts(sdxl, cfg) -> list[torch.nn.Module]:
-    """What the loop does not need after caching: the VAE and the frozen text encoders."""
+    """What a sample needs beside the trained models: the VAE and the frozen text encoders."""
     return [sdxl.vae] + ([] if cfg.train_text_encoders else list(sdxl.text_encoders))
 
 
-def park_frozen(sdxl, cfg, device, sampling: bool) -> None:
-    """Free the VAE and frozen text encoders once latents and captions are cached; a run
-    that samples keeps them, on the CPU unless ``--sample-keep-models``."""
-    for module in frozen_parts(sdxl, cfg):
+def park_frozen(sdxl, cfg, data, sampling: bool) -> None:
+    """Once the data is encoded (the validation set too): free the VAE and the frozen
+    text encoders the loop does not need, as encoding alone would have; a run that
+    samples keeps them, on the CPU unless ``--sample-keep-models``. The loop needs the
+    VAE for random crops (``data.vae``) and the encoders for per-draw captions (no
+    cached ``data.texts``)."""
+    unneeded = ([] if data.vae is not None else [sdxl.vae]) + \
+        ([] if cfg.train_text_encoders or not data.texts else list(sdxl.text_encoders))
+    for module in unneeded:
         if not sampling:
             module.to("meta")
         elif not cfg.sample_keep_models:

@@ -1,7 +1,8 @@
 """What the training loop calls to be watched: a handful of calls, each a line there.
 
-``hold_out`` (before encoding), ``prepare`` (while the VAE is loaded), ``begin`` (step 0),
-``before_update`` (gradients ready), ``after_step`` and ``end``. Validation and samples
+``hold_out`` (the scanned data), ``prepare`` (while the VAE is loaded), ``reporting`` (the
+report on every way out), ``begin`` (step 0), ``before_update`` (gradients ready) and
+``after_step``. Validation and samples
 run on the main process, inside ``training_rng_untouched``, and never see the loop's
 noise generator; nothing here changes a gradient, a parameter or the data order.
 """
@@ -9,6 +10,7 @@ noise generator; nothing here changes a gradient, a parameter or the data order.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 from ..layout import SAMPLE_NAME, RunFolder
 from ..progress import SMOOTHING
@@ -32,22 +34,30 @@ class Watch:
         self.smoothed, self.train_time, self._lr, self._norm = None, 0.0, None, None
         self._log_next, self._last_log, self._mark = False, (0, 0.0), 0.0
 
-    def hold_out(self, examples: list) -> list:
-        """The training examples, less any ``--val-split`` holds out for validation."""
-        train, self._held_out = split_validation(self.cfg, examples)
-        return train
+    def hold_out(self, scanned):
+        """The scanned training data, less the images ``--val-split`` holds out; the
+        validation images are kept for ``prepare`` (``--val-data`` is scanned here)."""
+        scanned, held_out = split_validation(self.cfg, scanned)
+        self._held_out = held_out if self.main else []
+        return scanned
 
-    def prepare(self, sdxl, progress) -> None:
+    @property
+    def keeps_encoders(self) -> bool:
+        """Whether the VAE and text encoders must outlive the data's encoding."""
+        return bool(self._held_out or self.prompts)
+
+    def prepare(self, sdxl, data, progress) -> None:
         """Encode the validation images while the VAE is loaded; then free the VAE and
-        frozen text encoders, or park them where sampling will find them."""
+        frozen text encoders the loop does not need, or park them for the samples."""
         from .samples import park_frozen
 
         self.progress = progress
-        if self._held_out and self.main:
+        if self._held_out:
             with progress.task("encoding validation images", total=len(self._held_out)) as advance, \
                     training_rng_untouched():
                 self.validation = Validation(self.cfg, sdxl, self._held_out, self.accelerator.device, advance)
-        park_frozen(sdxl, self.cfg, self.accelerator.device, sampling=bool(self.prompts))
+        if self.keeps_encoders:
+            park_frozen(sdxl, self.cfg, data, sampling=bool(self.prompts))
 
     def begin(self, run, resumed: bool) -> None:
         """Trackers and metrics.jsonl (cut back to the checkpoint when resuming); before
@@ -94,17 +104,30 @@ class Watch:
             self._checkpoint_views(run, record)
         self._plan(run)
 
-    def end(self, run) -> str | None:
-        """Close the logs and write report.html; returns its path (main process)."""
-        if not self.main:
-            return None
-        from .report import write_report
+    @contextmanager
+    def reporting(self, run):
+        """Around the run: on every way out the logs are closed and report.html written
+        (not after a second Ctrl-C, which means: stop now)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._close()
+            raise
+        except BaseException:
+            self._close(report=True)
+            raise
+        self._close(report=True)
 
+    def _close(self, report: bool = False) -> None:
+        if not self.main or self.metrics is None:
+            return
         self.metrics.close()
         logs.finish_trackers(self.accelerator)
-        path = write_report([self.folder.root], self.folder.report)
-        self.progress.console.print(f"report: {path}")
-        return str(path)
+        if report:
+            from .report import write_report
+            path = write_report([self.folder.root], self.folder.report)
+            self.progress.console.print(f"report: {self.folder.relative(path)}")
+        self.metrics = None
 
     # -- inside ------------------------------------------------------------------------
     def _plan(self, run) -> None:

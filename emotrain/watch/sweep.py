@@ -120,7 +120,7 @@ def state_of(run: SweepRun) -> str:
 
 
 def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
-    from ..commands import resume_config
+    from ..commands import run_training
     from .report import write_report
 
     output, runs, notes = plan(preset, overrides, optims, shadow, lrs)
@@ -134,15 +134,14 @@ def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
         if state == "kept":
             continue
         _release_memory()
-        from ..train import TrainingStopped, train
-        try:
+        from ..train import TrainingStopped
+        try:  # as `sdxl-lora` would: the output folder's lock, leftovers tidied, --resume
             if state == "resume":
-                cfg, checkpoint = resume_config(str(run.folder.root), {k: getattr(run.cfg, k) for k in RESUMABLE})
-                train(cfg, resume=checkpoint)
+                run_training(None, {k: getattr(run.cfg, k) for k in RESUMABLE}, resume=str(run.folder.root))
             else:
-                train(run.cfg)
+                run_training(None, run.cfg.to_dict())
         except TrainingStopped as stop:
-            if isinstance(stop.__context__, KeyboardInterrupt):
+            if stop.status == "interrupted":
                 raise  # the user stopped the sweep; running it again resumes here
             echo(f"{run.name} stopped: {stop}; the sweep goes on")  # a diverged lr, say
     report = write_report([r.folder.root for r in runs], RunFolder(output).report, title=f"emotrain sweep {output.name}")

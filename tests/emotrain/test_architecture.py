@@ -85,7 +85,9 @@ def test_sdxl_is_reached_through_its_package_surface():
 
 @pytest.mark.parametrize("module", ["emotrain.cli", "emotrain.options", "emotrain.config", "emotrain.commands",
                                     "emotrain.checkpoint", "emotrain.layout", "emotrain.optimizers",
-                                    "emotrain.precision"])
+                                    "emotrain.precision", "emotrain.atomic", "emotrain.outputs", "emotrain.lock",
+                                    "emotrain.tidy", "emotrain.verify", "emotrain.sources", "emotrain.processes",
+                                    "emotrain.quiet"])
 def test_the_command_line_layer_imports_no_torch_at_load(module):
     path = _modules("emotrain")[module]
     top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]

@@ -1,5 +1,6 @@
 """Exact resume: N steps, a stop (end of run, kill -9 or Ctrl-C), N more == 2N straight."""
 
+import json
 import os
 import signal
 import subprocess
@@ -44,12 +45,20 @@ def _cli(*args):
             "--batch-size", "2", "--rank", "4", "--lr", "1e-3", "--seed", "0", *map(str, args)]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_resume_after_a_hard_stop(tmp_path, sig):
-    common = ["--optim", "emoairy", "--shadow", "--lr-scheduler", "cosine", "--warmup-steps", "2", "--steps", "40"]
-    train(tmp_path / "straight", *common)
+HARD_STOP = ["--optim", "emoairy", "--shadow", "--lr-scheduler", "cosine", "--warmup-steps", "2", "--steps", "40"]
+
+
+@pytest.fixture(scope="module")
+def straight_40(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(out, *HARD_STOP)
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_resume_after_a_hard_stop(tmp_path, straight_40, sig):
     out = tmp_path / "stopped"
-    proc = subprocess.Popen(_cli(*common, "--save-every", "2", "--output", out), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cli(*HARD_STOP, "--save-every", "2", "--output", out), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-000004").exists():
@@ -58,13 +67,15 @@ def test_resume_after_a_hard_stop(tmp_path, sig):
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    if sig == signal.SIGINT:
-        assert "interrupted at step" in output and "--resume" in output, output
+    if sig != signal.SIGKILL:  # Ctrl-C and SIGTERM (timeout, docker stop, SLURM) alike: a checkpoint, a message
+        assert proc.returncode == 130 and f"({sig.name})" in output and "interrupted at step" in output, output
+        assert "--resume" in output and "Traceback" not in output
+        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     latest = find_checkpoint(out)
     assert latest.name < "step-000040"
     run_cli("sdxl-lora", "--resume", out)
-    assert_identical(tmp_path / "straight", out)
+    assert_identical(straight_40, out)
 
 
 def test_damaged_checkpoint_is_never_latest(tmp_path):
@@ -74,7 +85,7 @@ def test_damaged_checkpoint_is_never_latest(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     (ckpts / "step-000004" / "training_state.pt").write_bytes(b"")  # torn write of a file
     (ckpts / "step-000004" / "checkpoint.json").unlink()  # ...and the marker never written
-    (ckpts / ".tmp-step-000006-x").mkdir()  # a save killed before its rename
+    (ckpts / ".step-000006.1.0123abcd.tmp").mkdir()  # a save killed before its rename
     (ckpts / "step-000008").mkdir()  # an empty folder with a checkpoint's name
     assert find_checkpoint(out).name == "step-000002"
 
@@ -86,7 +97,7 @@ def test_resume_refuses_a_changed_run(tmp_path):
         result = run_cli("sdxl-lora", "--resume", out, *args, expect=2)
         assert word in result.output and "checkpoint" in result.output
     result = run_cli("sdxl-lora", "--resume", tmp_path / "nothing", expect=2)
-    assert "no complete checkpoint" in result.output
+    assert "does not exist" in result.output
 
 
 def test_keep_checkpoints(tmp_path):
@@ -100,13 +111,3 @@ def test_checkpoint_state_loads_without_pickle(tmp_path):
     train(out, "--steps", "2", "--optim", "emosens", "--shadow")
     state = torch.load(find_checkpoint(out) / "training_state.pt", weights_only=True)
     assert {"optimizer", "lr_scheduler", "noise_generator", "rng"} <= set(state)
-
-
-def test_nan_loss_stops_with_a_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    result = train(out, "--optim", "adamw", "--lr", "1e20", "--max-grad-norm", "0", "--steps", "6", expect=2)
-    assert "loss became nan" in result.output.lower() and "checkpoint" in result.output
-    latest = find_checkpoint(out)
-    assert latest.name == "step-000001"
-    weights = load_file(latest / "trainable.safetensors")
-    assert all(torch.isfinite(v).all() for v in weights.values())

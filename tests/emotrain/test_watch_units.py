@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from emotrain.config import TrainConfig
-from emotrain.data import demo_folder, scan_folder
+from emotrain.data import demo_folder
 from emotrain.errors import UserError
 from emotrain.watch.prompts import parse_line
 from emotrain.watch.schedule import due, interval
@@ -80,6 +80,7 @@ def test_wandb_is_only_needed_when_chosen(tmp_path):
 
 
 def test_val_split_holds_out_whole_images_by_name(tmp_path):
+    from emotrain.dataset.scan import scan_data
     from emotrain.watch.validation import split_validation
 
     data = tmp_path / "data"
@@ -89,18 +90,21 @@ def test_val_split_holds_out_whole_images_by_name(tmp_path):
     for name in ("000", "001"):  # two images that also appear 3 times each in a repeat folder
         for suffix in (".png", ".txt"):
             shutil.copy(data / f"{name}{suffix}", data / "3_repeat" / f"{name}{suffix}")
-    examples = scan_folder(data)
-    cfg = TrainConfig(model="tiny", data=str(data), val_split=0.25, seed=1)
-    kept, held = split_validation(cfg, examples)
-    distinct = {e.image for e in examples}
-    assert len(held) == round(0.25 * len(distinct)) == 4 and len(set(held)) == 4
-    assert not {e.image for e in held} & {e.image for e in kept}  # never trained on, repeats included
-    assert len(kept) == len(examples) - sum(examples.count(e) for e in held)
+    cfg = TrainConfig(model="tiny", data=str(data), val_split=0.25, seed=1, resolution=64)
+    scanned = scan_data(cfg)
+    images = [e.example.image for e in scanned.entries]
+    kept, held = split_validation(cfg, scan_data(cfg))
+    assert len(held) == round(0.25 * len(set(images))) == 4 and len({e.example.image for e in held}) == 4
+    held_images = {e.example.image for e in held}
+    assert not held_images & {e.example.image for e in kept.entries}  # never trained on, repeats included
+    assert len(kept.entries) == len(images) - sum(images.count(i) for i in held_images)
     # the same files whatever the seed, and wherever the folder lives
-    assert split_validation(cfg.replace(seed=99), examples)[1] == held
+    assert [e.example.image for e in split_validation(cfg.replace(seed=99), scan_data(cfg))[1]] == \
+        [e.example.image for e in held]
 
     def held_names(folder):
-        return sorted(e.image.name for e in split_validation(cfg.replace(data=str(folder)), scan_folder(folder))[1])
+        other = cfg.replace(data=str(folder))
+        return sorted(e.example.image.name for e in split_validation(other, scan_data(other))[1])
 
     assert held_names(tmp_path / "moved") == held_names(demo_folder())
 
@@ -121,19 +125,20 @@ def test_frozen_models_wait_on_the_cpu_for_samples():
     def where(sdxl):
         return [next(m.parameters()).device.type for m in (sdxl.vae, *sdxl.text_encoders)]
 
+    cached = SimpleNamespace(vae=None, texts={"a caption": "handle"})  # latents and captions cached
     cfg = TrainConfig(sample_prompt=["x"])
     sdxl = parts()
-    park_frozen(sdxl, cfg, torch.device("cpu"), sampling=False)
-    assert where(sdxl) == ["meta"] * 3  # no samples: freed, as before
+    park_frozen(sdxl, cfg, cached, sampling=False)
+    assert where(sdxl) == ["meta"] * 3  # no samples: freed, as encoding alone frees them
     sdxl = parts()
-    park_frozen(sdxl, cfg.replace(train_text_encoders=True), torch.device("cpu"), sampling=False)
+    park_frozen(sdxl, cfg.replace(train_text_encoders=True), cached, sampling=False)
     assert where(sdxl) == ["meta", "cpu", "cpu"]  # trained encoders stay
     sdxl = parts()
-    park_frozen(sdxl, cfg, torch.device("cpu"), sampling=True)
-    assert where(sdxl) == ["cpu"] * 3  # on a GPU run: off the GPU until a sample needs them
+    park_frozen(sdxl, cfg, SimpleNamespace(vae=object(), texts={}), sampling=False)
+    assert where(sdxl) == ["cpu"] * 3  # random crops and per-draw captions: the loop needs them all
     sdxl = parts()
-    park_frozen(sdxl, cfg.replace(sample_keep_models=True), torch.device("meta"), sampling=True)
-    assert where(sdxl) == ["cpu"] * 3  # kept where they are (on the device)
+    park_frozen(sdxl, cfg, cached, sampling=True)
+    assert where(sdxl) == ["cpu"] * 3  # on a GPU run: off the GPU until a sample needs them
 
 
 def test_vram_plan_says_what_sampling_costs():

@@ -19,7 +19,7 @@ def _params(seed=0, dtype=torch.float32, shapes=SHAPES):
 def _set_grads(params, step, seed=100):
     gen = torch.Generator().manual_seed(seed + step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
 
 
 def _loss(step):

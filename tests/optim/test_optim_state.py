@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from emo_api_helpers import ALL, KIND, SHAPES, _loss, _params, _set_grads  # noqa: E402
 from test_optim_oracle import Oracle  # noqa: E402
 
-from optim import EmoAiry, EmoCats, EmoSens, state_nbytes  # noqa: E402
+from optim import EmoAiry, EmoCats, EmoSens, _base, state_nbytes  # noqa: E402
 
 
 def _clone_state(opt):
@@ -118,12 +118,11 @@ def test_low_precision_params_get_fp32_state_and_fp32_math(cls, dtype, foreach):
         assert x.dtype == dtype
 
 
-@pytest.mark.parametrize("cls", ALL)
-def test_low_precision_update_equals_fp32_update_rounded(cls):
-    # Same start values in bf16 and fp32: each bf16 step is the fp32 step rounded once.
-    p16 = _params(dtype=torch.bfloat16)
+def bf16_step_is_fp32_step_rounded(cls, foreach: bool, device: str = "cpu") -> None:
+    """Same start values in bf16 and fp32: each bf16 step is the fp32 step rounded once."""
+    p16 = [torch.nn.Parameter(x.detach().to(device)) for x in _params(dtype=torch.bfloat16)]
     p32 = [torch.nn.Parameter(x.detach().float()) for x in p16]
-    o16, o32 = cls(p16, lr=1e-2), cls(p32, lr=1e-2)
+    o16, o32 = cls(p16, lr=1e-2, foreach=foreach), cls(p32, lr=1e-2, foreach=foreach)
     for t in range(5):
         _set_grads(p16, t)
         for a, b in zip(p32, p16):
@@ -137,6 +136,14 @@ def test_low_precision_update_equals_fp32_update_rounded(cls):
     st = o16.state[p16[0]]
     if "exp_avg_sq" in st:
         assert st["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("form", ["foreach", "plain", "device"])
+@pytest.mark.parametrize("cls", ALL)
+def test_low_precision_update_equals_fp32_update_rounded(cls, form, monkeypatch):
+    # "device": the foreach path in its CUDA form (on_accelerator), here on the CPU.
+    monkeypatch.setattr(_base, "_DEVICE_PATH_ON_CPU", form == "device")
+    bf16_step_is_fp32_step_rounded(cls, foreach=form != "plain")
 
 
 def test_fp64_params_keep_fp64_state():

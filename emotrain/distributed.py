@@ -1,0 +1,88 @@
+"""Data parallel training under ``accelerate launch`` (or torchrun): what each process
+does differently. Without GPUs, ``accelerate launch --multi_gpu --num_processes N`` runs N
+CPU processes over gloo (accelerate's ``--cpu`` flag starts one process unless mpirun is
+set up).
+
+- Data: the processes take turns along one batch order (``Batches(rank=, world=)``), so
+  in a step they train on different batches of the same epoch; the order's position is
+  the same number on every process, and a checkpoint holds it once.
+- Noise: each process draws from its own generator, seeded from (seed, rank); rank 0's
+  is the single-process stream. A checkpoint holds every process's generator state.
+- The step's loss is the mean over micro-batches and processes, the same number on every
+  process (what the Emo family receives and run.json records); the same all-reduce
+  carries whether any process was asked to stop.
+- Encoding: with the disk cache (the default) the main process encodes and the others
+  load its files (train.py: ``main_process_first``), so an image goes through the VAE
+  (and text encoders) once, not once per GPU; with --no-disk-cache each process encodes.
+- ``EMOTRAIN_TRACE=1``: each process writes ``trace-rank-N.jsonl`` into the output folder
+  (per micro-batch the images it trained on and its own loss, at the end a checksum of its
+  LoRA), to check a multi-GPU set-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import torch
+from accelerate.utils import gather_object
+
+from . import processes
+from .layout import RunFolder
+
+NOISE_SEED_STRIDE = 1_000_003
+
+
+def cpu_only_processes() -> bool:
+    """Several processes and no GPU (CI, ``accelerate launch --multi_gpu`` on a CPU machine):
+    accelerate needs to be told, or every process trains alone. gloo carries the traffic."""
+    return processes.world_size() > 1 and not torch.cuda.is_available()
+
+
+def noise_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed`` itself, so one process trains exactly as before."""
+    return seed + NOISE_SEED_STRIDE * rank
+
+
+def agree(accelerator, loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+    """-> (mean loss over processes, whether any process asked to stop)."""
+    if accelerator.num_processes == 1:
+        return loss.item(), stop_requested
+    both = torch.stack([loss.detach().double().reshape(()),
+                        torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)])
+    total = accelerator.reduce(both, reduction="sum")
+    return (total[0] / accelerator.num_processes).item(), bool(total[1] > 0)
+
+
+def gather(accelerator, value) -> list:
+    """Every process's ``value``, in rank order (a collective: all processes call it)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    return gather_object([value])
+
+
+def effective_batch_line(batch_size: int, grad_accum: int, processes: int) -> str:
+    word = "process" if processes == 1 else "processes"
+    return (f"effective batch {batch_size * grad_accum * processes} = batch {batch_size} x grad-accum {grad_accum} "
+            f"x {processes} {word}")
+
+
+class Trace:
+    """EMOTRAIN_TRACE=1: what each process trained on, one JSON line per micro-batch."""
+
+    def __init__(self, output, rank: int):
+        self.path = RunFolder(output).trace(rank) if os.environ.get("EMOTRAIN_TRACE") == "1" else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def params(self, step: int, named_params: dict) -> None:
+        if self.path:
+            digest = hashlib.sha256()
+            for name in sorted(named_params):
+                digest.update(named_params[name].detach().cpu().contiguous().numpy().tobytes())
+            self.write(step=step, lora_sha256=digest.hexdigest())
