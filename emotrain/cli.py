@@ -111,10 +111,12 @@ def _extra(name: str, annotation, info) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-def with_options(first: list[inspect.Parameter], last: list[inspect.Parameter] = (), panel_of=lambda o: None):
-    """Give a ``**values`` command one flag per declared option (plus its own ones)."""
+def with_options(first: list[inspect.Parameter], last: list[inspect.Parameter] = (), panel_of=lambda o: None,
+                 skip: tuple = ()):
+    """Give a ``**values`` command one flag per declared option (plus its own ones;
+    ``skip``: options the command declares its own way)."""
     def decorate(func):
-        params = list(first) + [_parameter(o, panel_of(o)) for o in OPTIONS] + list(last)
+        params = list(first) + [_parameter(o, panel_of(o)) for o in OPTIONS if o.name not in skip] + list(last)
         func.__signature__ = inspect.Signature(params)
         func.__annotations__ = {p.name: p.annotation for p in params}
         return func
@@ -190,6 +192,49 @@ def vram(**values):
         typer.echo(run_vram(values.pop("preset"), overrides_from(values), both=values.pop("both"),
                             as_json=values.pop("as_json"), measure=values.pop("measure"),
                             measure_steps=values.pop("measure_steps")))
+    except UserError as exc:
+        _fail(exc)
+
+
+@app.command("sweep", cls=GroupedHelp)
+@with_options([_extra("optim", Optional[str], typer.Option(
+                   None, metavar="A,B,...", rich_help_panel="Sweep",
+                   help="Optimizers to compare, comma-separated (emosens, emoairy, emocats, adamw, ...).")),
+               _extra("shadow", Optional[str], typer.Option(
+                   None, metavar="[off|on|both]", rich_help_panel="Sweep",
+                   help="Emo shadow-system: off, on, or both (each Emo optimizer twice). [default: the preset's, "
+                        "else off]")),
+               _extra("lr", Optional[str], typer.Option(
+                   None, metavar="X,Y,...", rich_help_panel="Sweep",
+                   help="One or more learning rates, comma-separated: every optimizer runs with each.")),
+               PRESET],
+              skip=("optim", "shadow", "lr"))
+def sweep(**values):
+    """Train the same LoRA with several optimizers, one after another, on the same data,
+    seed, noise and validation set, into OUTPUT/<optim>[-shadow][-lr<x>]/, then write
+    OUTPUT/report.html comparing them. Running the same command again resumes it.
+
+    Takes every sdxl-lora flag. Without --val-data/--val-split it holds out 10% of the
+    images for validation; without --save-every it checkpoints every 10% of the steps."""
+    from .watch.sweep import run_sweep
+    optims, shadow, lrs = values.pop("optim"), values.pop("shadow"), values.pop("lr")
+    try:
+        typer.echo(run_sweep(values.pop("preset"), overrides_from(values), optims, shadow, lrs, echo=typer.echo))
+    except UserError as exc:
+        _fail(exc)
+
+
+@app.command("report")
+def report(
+    runs: List[str] = typer.Argument(..., metavar="RUN...", help="Run output folders (or one sweep folder)."),
+    out: Optional[str] = typer.Option(None, help="Where to write the page [default: RUN/report.html for one run, "
+                                                 "./report.html for several]."),
+):
+    """Write report.html: loss, validation loss, lr, emotion scalar, memory and samples of
+    a run, or of several runs overlaid (curves on shared axes, samples side by side)."""
+    from .commands import run_report
+    try:
+        typer.echo(run_report(runs, out))
     except UserError as exc:
         _fail(exc)
 

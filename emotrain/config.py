@@ -16,6 +16,7 @@ from .formats import resolve_lora_file
 from .optimizers import parse_optim_args
 from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
 from .sources import check_model, tiny_seed
+from .watch.checks import check_watch_options
 
 
 class _Derived:
@@ -113,6 +114,7 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
                 resolve_lora_file(parse_lora_spec(spec)[0] if key == "base_lora" else spec)
             except UserError as exc:
                 bad(key, exc)
+    check_watch_options(cfg, bad)
 
 
 def _not_utf8(value) -> str | None:

@@ -14,14 +14,30 @@ STEP_NAME = re.compile(r"^step-(\d{6,})$")
 # A checkpoint folder's files; checkpoint.json is written last and marks it complete.
 TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON = "trainable.safetensors", "training_state.pt", "checkpoint.json"
 CHECKPOINT_FILES = (TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON)
+# What watching a run adds: sample images, tracker logs, every step's scalars, the report.
+SAMPLES, LOGS, METRICS, REPORT = "samples", "logs", "metrics.jsonl", "report.html"
+SAMPLE_NAME = re.compile(r"^step-(\d{6,})-(\d{2,})\.png$")
+SWEEP_JSON = "sweep.json"
 
 
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def sample_name(step: int, index: int) -> str:
+    """``step-NNNNNN-KK.png``: prompt KK sampled after NNNNNN steps (0: before training)."""
+    return f"{step_name(step)}-{index:02d}.png"
+
+
+def sweep_run_name(optim: str, shadow: bool, lr: float | None = None) -> str:
+    """A sweep's run folder: ``emosens``, ``emosens-shadow``, ``emosens-shadow-lr0.0003``."""
+    return optim.rsplit(".", 1)[-1] + ("-shadow" if shadow else "") + (f"-lr{lr:g}" if lr is not None else "")
+
+
 class RunFolder:
-    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``, draws.jsonl."""
+    """``OUTPUT/``: run.json, the LoRA files, ``checkpoints/step-NNNNNN/``, draws.jsonl,
+    ``samples/``, ``logs/`` (TensorBoard), metrics.jsonl, report.html; a sweep's folder holds
+    sweep.json, report.html and one such run folder per optimizer."""
 
     def __init__(self, root):
         self.root = Path(root).expanduser()
@@ -65,3 +81,26 @@ class RunFolder:
         if checkpoint.parent.name == CHECKPOINTS:
             return RunFolder(checkpoint.parent.parent)
         return None
+
+    @property
+    def samples(self) -> Path:
+        return self.root / SAMPLES
+
+    def sample(self, step: int, index: int) -> Path:
+        return self.samples / sample_name(step, index)
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    @property
+    def sweep_json(self) -> Path:
+        return self.root / SWEEP_JSON

@@ -19,6 +19,7 @@ from typing import Any
 from .errors import UserError
 from .optimizers import NAMES as OPTIMIZER_NAMES
 from .precision import PRECISIONS
+from .watch.prompts import SAMPLERS
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # LoRA placements on the UNet. "transformer": sd-scripts' default LoRA (networks.lora
@@ -34,7 +35,9 @@ MAX_COUNT = 10**9
 
 # Help panels, in the order --help shows them.
 GROUPS = ("Model", "Data", "Captions", "Augmentation", "Cache", "LoRA", "Optimizer", "Schedule", "Loss",
-          "Precision and memory", "Checkpoints", "Outputs")
+          "Precision and memory", "Checkpoints", "Validation", "Samples", "Logging", "Outputs")
+TRACKERS = ("tensorboard", "wandb", "none")
+EVERY_DEFAULT = "save_every, else 10% of the steps"  # watch/schedule.py
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,33 @@ OPTIONS: tuple[Option, ...] = (
        minimum=0, maximum=MAX_COUNT, resumable=True),
     _o("keep_checkpoints", int, 3, "Keep the newest K checkpoints.", "Checkpoints", minimum=1, maximum=MAX_COUNT,
        resumable=True),
+    # -- validation ----------------------------------------------------------------------
+    _o("val_data", str, None, "Folder of validation images with .txt captions (same conventions as --data), or "
+       "'demo'; never trained on.", "Validation"),
+    _o("val_split", float, 0.0, "Hold out this fraction of the training images for validation (chosen from "
+       "their file names, never trained on).", "Validation", minimum=0, maximum=0.9),
+    _o("val_every", int, None, "Validation loss every N steps, and at step 0 and the end (0: only those).",
+       "Validation", nullable=True, default_text=EVERY_DEFAULT, minimum=0, maximum=MAX_COUNT, resumable=True),
+    _o("val_timesteps", int, 4, "Timesteps per validation image, spread over the schedule (fixed with their "
+       "noise from --seed).", "Validation", minimum=1, maximum=100),
+    # -- samples -------------------------------------------------------------------------
+    _o("sample_prompts", str, None, "Prompt file: one prompt a line, kohya's options --n --w --h --d --s --l --ss.",
+       "Samples", resumable=True),
+    _o("sample_prompt", list, [], "A sample prompt, same options as a prompt-file line (repeatable).", "Samples",
+       resumable=True),
+    _o("sample_every", int, None, "Sample images every N steps, and at step 0 and the end (0: only those).",
+       "Samples", nullable=True, default_text=EVERY_DEFAULT, minimum=0, maximum=MAX_COUNT, resumable=True),
+    _o("sample_sampler", str, "euler", "Sampler of the samples (kohya's names; --ss per prompt).", "Samples",
+       choices=SAMPLERS, choice_word="sampler", resumable=True),
+    _o("sample_steps", int, 25, "Denoising steps per sample (--s per prompt).", "Samples", minimum=1, maximum=1000,
+       resumable=True),
+    _o("sample_keep_models", bool, False, "Keep the VAE and text encoders on the GPU between samples instead of "
+       "moving them to the CPU.", "Samples", memory=True, resumable=True),
+    # -- logging -------------------------------------------------------------------------
+    _o("log_with", str, "tensorboard", "Where scalars and samples go: tensorboard (OUTPUT/logs/), wandb, none.",
+       "Logging", choices=TRACKERS, resumable=True),
+    _o("log_every", int, 10, "Figures that cost a pass or a sync (gradient norm, filter count, memory, it/s) "
+       "every N steps and at the end.", "Logging", minimum=1, maximum=MAX_COUNT, resumable=True),
     # -- outputs -------------------------------------------------------------------------
     _o("output", str, "output", "Output folder.", "Outputs", resumable=True),
     _o("progress_every", float, 30.0, "Without a terminal (nohup, CI, > log): a plain progress line every N seconds.",

@@ -31,6 +31,8 @@ from .record import RunRecord
 from .sdxl import (add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run, meta_sdxl,
                    resolve_model, unet_config)
 from .signals import Interrupted, StopRequests
+from .watch.logs import accelerator_settings
+from .watch.session import Watch
 
 
 class TrainingStopped(UserError):
@@ -61,6 +63,7 @@ class Run:
     noise: torch.Generator
     stops: StopRequests
     trace: distributed.Trace
+    watch: Watch  # validation, samples, logs
     step: int = 0
     info: dict = field(default_factory=dict)
     history: dict | None = None  # the losses up to the checkpoint resumed from
@@ -110,12 +113,14 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     # accelerate keeps its settings per process; a second run in one process (the Python
     # API, tests) may use another precision. The distributed part (PartialState) stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed.cpu_only_processes())
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed.cpu_only_processes(),
+                              **accelerator_settings(cfg, RunFolder(cfg.output)))
+    watch = Watch(cfg, accelerator)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     # What can fail without the model fails first: the data (and, with --strict-data, its
     # warnings), the optimizer and its arguments, the LoRA files.
     with accelerator.main_process_first():  # what is built or downloaded once (demo images, tiny model)
-        scanned = scan_data(cfg)
+        scanned = watch.hold_out(scan_data(cfg))  # --val-split images are never trained on
         source = resolve_model(cfg.model)
     check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
     loras = read_loras(cfg)
@@ -127,7 +132,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
             module.to(device)
     scanned.show(progress.console)
     with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
-        data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console)
+        data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console, watch.keeps_encoders)
+    watch.prepare(sdxl, data, progress)  # the validation set encoded; encoders freed, or parked for samples
     if cfg.record_draws and accelerator.is_main_process:
         data.record_to(RunFolder(cfg.output).draws)
 
@@ -145,7 +151,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     run = Run(cfg, accelerator, sdxl, models, named_params, data, optimizer, lr_scheduler,
               Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
               torch.Generator().manual_seed(distributed.noise_seed(cfg.seed, rank)), stops,
-              distributed.Trace(cfg.output, rank))
+              distributed.Trace(cfg.output, rank), watch)
     folder = RunFolder(cfg.output)
     run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
@@ -203,8 +209,8 @@ def optimizer_step(run: Run) -> float:
         raise Interrupted(run.stops.requested or "a signal to another process")
     if not math.isfinite(step_loss):
         raise NonFiniteLoss(step_loss)
-    if cfg.max_grad_norm:
-        accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm)
+    norm = accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
+    run.watch.before_update(run, norm)
     # Through accelerate (and its GradScaler) only a closure reaches the optimizer.
     run.optimizer.step(lambda: step_loss)
     if not accelerator.optimizer_step_was_skipped:
@@ -279,7 +285,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
         optimizer = run.optimizer.optimizer
         run.info.update(config=cfg.to_dict(), started_at=time.time())
         main = run.accelerator.is_main_process
-        with RunRecord(folder, run.info, main, run.history, run.step) as record:
+        with run.watch.reporting(run), RunRecord(folder, run.info, main, run.history, run.step) as record:
+            run.watch.begin(run, resumed=resume is not None)  # logs; step-0 validation and samples
             first_step, started = run.step, time.perf_counter()
             stops.defer()
             with progress:
@@ -293,6 +300,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                     run.step += 1
                     record.add(loss, optimizer.emotion.s if takes_loss(optimizer) else None)
                     progress.update(run.step, loss, record.emotion[-1], run.lr_scheduler.get_last_lr()[0])
+                    run.watch.after_step(run, loss)  # logs; validation and samples when due
                     if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
                         save(run, record.history())
 

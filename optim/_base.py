@@ -19,6 +19,7 @@ import torch
 from . import _native
 from ._emotion import (EmotionState, Emotion, filter_threshold, loss_to_float,
                        shadow_blend_, shadow_ratio)
+from ._stats import StepStats
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Foreach lists are processed in chunks of about this many elements. On the CPU a chunk
@@ -81,6 +82,9 @@ class EmoOptimizer(torch.optim.Optimizer):
         self.sync_loss = sync_loss
         self._emo = EmotionState()
         self._fused_warned = False
+        self._last_step: tuple = ((), (), 0.0)  # effective lrs, shadow ratios, threshold
+        self._count_next = False
+        self._held_back: tuple = (None, 0)  # the last count: device tensor, elements
         super().__init__(params, defaults)
 
     # -- construction -----------------------------------------------------------------
@@ -95,6 +99,20 @@ class EmoOptimizer(torch.optim.Optimizer):
     def emotion(self) -> Emotion:
         """Read-only snapshot: s, short, long, should_stop, history, step, loss_seen."""
         return self._emo.view()
+
+    @property
+    def stats(self) -> StepStats:
+        """What the last step did: s, the effective step size and shadow ratio per group,
+        the filter threshold and, when counted, how many elements the filter held back."""
+        lrs, ratios, thr = getattr(self, "_last_step", ((), (), 0.0))
+        held, elements = getattr(self, "_held_back", (None, 0))
+        e = self._emo
+        return StepStats(e.step, e.s, e.short, e.long, lrs, ratios, thr, held, elements)
+
+    def count_filter_next_step(self) -> None:
+        """Count, during the next step only, the gradient elements the filter holds back
+        (one extra pass over the gradients, no host sync; read ``stats``)."""
+        self._count_next = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None):
@@ -111,6 +129,8 @@ class EmoOptimizer(torch.optim.Optimizer):
         s = self._emo.update(value, type(self).__name__)
         a = abs(s)
         thr = filter_threshold(s)
+        counting, self._count_next = getattr(self, "_count_next", False), False
+        held, elements, lrs, ratios = None, 0, [], []
         for group in self.param_groups:
             ratio = shadow_ratio(s, group["use_shadow"])
             b1, b2 = group["betas"]
@@ -119,7 +139,18 @@ class EmoOptimizer(torch.optim.Optimizer):
                              beta1=b1, beta2=b2, eps=group["eps"], thr=thr, thr3=thr ** 3,
                              lr0=group["lr0"],
                              decoupled=group.get("decoupled_weight_decay", False))
+            if counting:  # before the update: the rule reads the same gradients
+                for p in group["params"]:
+                    if p.grad is not None and p.numel():
+                        g = p.grad.float() if p.dtype in _LOW_PRECISION else p.grad
+                        n = self._held_back_count(g, hp)
+                        held = n if held is None else held + n.to(held.device)
+                        elements += p.numel()
             self._step_group(group, hp, ratio)
+            lrs.append(hp.step_size)
+            ratios.append(ratio)
+        self._last_step = (tuple(lrs), tuple(ratios), thr)
+        self._held_back = (held, elements) if counting else (None, 0)
         return result
 
     def init_state(self, include_shadow: bool | None = None) -> None:
@@ -282,6 +313,10 @@ class EmoOptimizer(torch.optim.Optimizer):
         shadow_blend_(ps, shadows, ratio)
 
     # -- rule hooks (subclasses) -------------------------------------------------------
+    def _held_back_count(self, g: torch.Tensor, hp: StepScalars) -> torch.Tensor:
+        """Elements of ``g`` the rule's filter closes this step (a 0-dim tensor)."""
+        raise NotImplementedError
+
     def _init_param_state(self, p: torch.Tensor, st: dict) -> None:
         raise NotImplementedError
 

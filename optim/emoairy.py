@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
+from ._stats import count_factored, count_square_at_most
 from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator
 from .emosens import emosens_foreach
 
@@ -182,6 +183,11 @@ class EmoAiry(EmoOptimizer):
         else:
             st["exp_avg"] = torch.zeros_like(p, dtype=dt)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt)
+
+    def _held_back_count(self, g, hp):
+        if g.dim() >= 2:
+            return count_factored(g, hp.eps, hp.thr3)
+        return count_square_at_most(g, hp.thr3)
 
     def _single(self, p, g, st, hp):
         emoairy_update(p, g, st, hp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
+from ._stats import count_below
 from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator, open_masks
 
 
@@ -92,6 +93,9 @@ class EmoCats(EmoOptimizer):
     def _init_param_state(self, p, st):
         st["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
                                          memory_format=torch.preserve_format)
+
+    def _held_back_count(self, g, hp):
+        return count_below(g, hp.thr3)
 
     def _single(self, p, g, st, hp):
         emocats_update(p, g, st["exp_avg"], hp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
+from ._stats import count_below
 from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator, open_masks
 
 
@@ -95,6 +96,9 @@ class EmoSens(EmoOptimizer):
         dt = self._state_dtype(p)
         st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+
+    def _held_back_count(self, g, hp):
+        return count_below(g, hp.thr3)
 
     def _single(self, p, g, st, hp):
         emosens_update(p, g, st["exp_avg"], st["exp_avg_sq"], hp)

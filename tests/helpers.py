@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from emotrain.cli import app
 
 FAST = ["--model", "tiny", "--data", "demo", "--resolution", "64", "--batch-size", "2", "--rank", "4",
-        "--lr", "1e-3", "--seed", "0"]
+        "--lr", "1e-3", "--seed", "0", "--log-with", "none"]  # TensorBoard only where a test reads it
 
 
 def run_cli(*args: str, expect: int = 0):

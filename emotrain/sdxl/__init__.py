@@ -9,7 +9,7 @@ with these same names, chosen by the model being loaded.
 """
 
 from .configs import load_config
-from .conditioning import denoising_loss, encode_images, time_ids
+from .conditioning import denoising_loss, encode_images, noised_loss, time_ids
 from .prompts import count_tokens, encode_prompts, token_ids
 from .lora import (LAYER_KINDS, TRANSFORMER_KINDS, add_lora, is_conv3x3_target, layer_kind, lora_config_for_run,
                    lora_module_names, text_encoder_lora_config, unet_lora_config)

@@ -37,6 +37,14 @@ def denoising_loss(unet, scheduler, latents, prompt_embeds, pooled, add_time_ids
     if noise_offset:
         noise += noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
+    return noised_loss(unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, add_time_ids,
+                       min_snr_gamma, weight, dtype).mean()
+
+
+def noised_loss(unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, add_time_ids,
+                min_snr_gamma: float | None = None, weight: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
+    """The loss of each sample at the given noise and timesteps (training draws them;
+    validation fixes them once), weighted as training weights it."""
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     kind = scheduler.config.prediction_type
@@ -58,4 +66,4 @@ def denoising_loss(unet, scheduler, latents, prompt_embeds, pooled, add_time_ids
         snr = compute_snr(scheduler, timesteps)
         weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
         per_sample = per_sample * weight
-    return per_sample.mean()
+    return per_sample

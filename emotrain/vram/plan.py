@@ -132,7 +132,9 @@ def plan(cfg, optims=None, shadow=None) -> dict:
 
     ``total_bytes`` holds every frozen network (UNet, text encoders, VAE), as a trainer
     that keeps them loaded needs; ``training_step_bytes`` holds only what emotrain's loop
-    keeps once latents and captions are cached (``resident_components``)."""
+    keeps once latents and captions are cached (``resident_components``).
+    ``sampling_bytes``: the weights a sample during training holds (activations of the
+    sample not included)."""
     started = time.perf_counter()
     rows = plan_rows(parse_optims(optims or cfg.optim), shadow_settings(cfg.shadow if shadow is None else shadow))
     modules = sdxl.meta_sdxl(cfg, network_lora_configs(cfg))
@@ -142,7 +144,13 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     base = base_weight_bytes(modules, cfg.mixed_precision)
     base_total = sum(base.values())
     resident = resident_components(cfg)
+    # Sampling brings back what caching freed: the VAE and frozen text encoders
+    # (--sample-keep-models keeps them on the GPU all run instead).
+    for_samples = tuple(c for c in ("text_encoder", "text_encoder_2", "vae") if c not in resident)
+    if cfg.sample_keep_models:
+        resident, for_samples = tuple(resident) + for_samples, ()
     base_resident = sum(base[c] for c in resident)
+    sample_models = sum(base[c] for c in for_samples)
     args = parse_optim_args(cfg.optim_args)
 
     states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args)
@@ -157,6 +165,8 @@ def plan(cfg, optims=None, shadow=None) -> dict:
             "grad_bytes": grad_bytes, "base_bytes": base_total, "total_bytes": total,
             "delta_vs_emocats_bytes": total - reference_total,
             "training_step_bytes": total - base_total + base_resident,
+            # during a sample: no gradients, the parked models back on the device
+            "sampling_bytes": total - base_total + base_resident - grad_bytes + sample_models,
         }
     breakdown = _lora_breakdown(modules)
     by_component = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
@@ -173,6 +183,8 @@ def plan(cfg, optims=None, shadow=None) -> dict:
         "lora_params_by_layer": breakdown,
         "base_bytes_by_component": base,
         "resident_while_training": list(resident),
+        "sampling": {"models": list(for_samples), "models_bytes": sample_models,
+                     "keep_models": cfg.sample_keep_models},
         # Where the published "+-300 MB" comes from: one fp32 value per LoRA weight of the
         # UNet's transformer blocks (kohya's default LoRA targets), at this rank.
         "reference": {"optimizer": REFERENCE, "shadow": False, "total_bytes": reference_total,

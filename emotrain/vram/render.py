@@ -52,6 +52,7 @@ def format_table(p: dict) -> str:
         + (": the data changes per draw" if len(p["resident_while_training"]) > (3 if p["train_text_encoders"] else 1)
            else "") + ").",
         "Not included: activations, CUDA context, allocator slack (the same for every optimizer).",
+        _sampling_line(p),
         "LoRA parameters by layer kind:"]
     for kind, v in p["lora_params_by_layer"].items():
         lines.append(f"  {kind:34s} {v['modules']:5d} modules {v['params']:>14,} params")
@@ -66,6 +67,20 @@ def format_table(p: dict) -> str:
         f"per fp32 state; attention projections alone {ref['attention_only_params']:,}; this LoRA "
         f"{p['lora_params']:,} = {_mb(ref['one_fp32_state_bytes'])} MB per fp32 state.")
     return text + "\n".join(lines) + "\n"
+
+
+def _sampling_line(p: dict) -> str:
+    """What sample images during training cost, in the plan's own figures."""
+    s = p["sampling"]
+    if s["keep_models"]:
+        return ("Samples: --sample-keep-models keeps the VAE and text encoders on the GPU all run (in Train step); "
+                "a sample adds only its activations.")
+    peak = max(r["sampling_bytes"] for r in p["optimizers"].values())
+    names = {"text_encoder": "text encoder 1", "text_encoder_2": "text encoder 2", "vae": "VAE"}
+    return (f"Samples: the {' + '.join(names[m] for m in s['models'])} ({_mb(s['models_bytes'])} MB) move to the GPU for each sample "
+            f"and back to the CPU after (gradients are freed then): up to {_mb(peak)} MB of weights and state "
+            f"while sampling, plus the sample's activations; --sample-keep-models keeps them on the GPU "
+            f"(+{_mb(s['models_bytes'])} MB on every step).")
 
 
 def format_markdown(p: dict) -> str:

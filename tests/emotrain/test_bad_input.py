@@ -65,6 +65,9 @@ PATH_CASES = {
     "caption-extension": ["", "txt", ".", NOT_UTF8],
     "caption-prefix": [NOT_UTF8],
     "keep-tokens-separator": ["", NOT_UTF8],
+    "val-data": ["", "{dir}/missing", "{file}", NOT_UTF8],
+    "sample-prompts": ["", "{dir}/missing.txt", "{dir}", "{bin_toml}", NOT_UTF8],
+    "sample-prompt": ["", " --w 64", "x --w abc", "x --q 1", NOT_UTF8],
 }
 
 

@@ -68,9 +68,12 @@ def test_resume_rule_comes_from_the_declaration():
         other = {bool: not o.default, int: 7, float: 0.5, str: "x", list: ["a=1"]}[o.type]
         with pytest.raises(UserError, match="differs from the checkpoint"):
             resumed_config(saved, {o.name: other})
-    # what changes neither the result nor its exactness: length, saving, where things go, reporting
+    # what changes neither the result nor its exactness: length, saving, where things go, reporting,
+    # watching the run
     assert set(RESUMABLE) == {"steps", "save_every", "keep_checkpoints", "output", "cache_dir", "disk_cache",
-                              "strict_data", "record_draws", "progress_every"}
+                              "strict_data", "record_draws", "progress_every", "val_every", "sample_prompts",
+                              "sample_prompt", "sample_every", "sample_sampler", "sample_steps",
+                              "sample_keep_models", "log_with", "log_every"}
     cfg = resumed_config(saved, {"steps": 2000, "keep_checkpoints": 9, "rank": saved.rank})
     assert (cfg.steps, cfg.keep_checkpoints) == (2000, 9)
 

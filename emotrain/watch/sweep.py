@@ -1,0 +1,179 @@
+"""``emotrain sweep``: the same run with several optimizers (and shadow settings and
+learning rates), one after another, on the same data, seed, noise and validation set,
+into ``OUTPUT/<optim>[-shadow][-lr<x>]/``, then one report that overlays them.
+
+A sweep is resumable: run the same command again and finished runs are kept, the
+interrupted one continues from its latest checkpoint (``--resume``), the rest start.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import write_text
+from ..checkpoint import list_checkpoints
+from ..config import TrainConfig, given_values, resolve_config
+from ..errors import UserError
+from ..layout import RunFolder, sweep_run_name
+from ..optimizers import EMO
+from ..options import BY_NAME, RESUMABLE
+
+SHADOWS = {"off": (False,), "on": (True,), "both": (False, True)}
+DEFAULT_VAL_SPLIT = 0.1
+
+
+@dataclass
+class SweepRun:
+    name: str
+    cfg: TrainConfig
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.cfg.output)
+
+
+def _items(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def parse_lrs(text: str | None) -> list[float] | None:
+    if not text:
+        return None
+    out = []
+    for item in _items(text):
+        try:
+            lr = float(item)
+        except ValueError:
+            raise UserError(f"--lr: {item!r} is not a number: pass one or more, comma-separated, e.g. 1e-4,3e-4") from None
+        problem = BY_NAME["lr"].problem(lr)
+        if problem:
+            raise UserError(f"--lr: {problem}")
+        out.append(lr)
+    return list(dict.fromkeys(out))
+
+
+def plan(preset: str | None, overrides: dict, optims: str | None, shadow: str | None,
+         lrs: str | None) -> tuple[Path, list[SweepRun], list[str]]:
+    """The runs of a sweep, each config resolved and checked (nothing is loaded)."""
+    names = list(dict.fromkeys(_items(optims)))
+    if not names:
+        raise UserError("--optim: name the optimizers to compare, comma-separated, e.g. emosens,emoairy,emocats")
+    if shadow is not None and shadow not in SHADOWS:
+        raise UserError(f"--shadow must be one of {', '.join(SHADOWS)}, got {shadow!r}")
+    base = resolve_config(preset, overrides)  # the shared settings, checked once
+    given = given_values(preset, overrides)
+    rates = parse_lrs(lrs) or [base.lr]
+    shadows = SHADOWS[shadow] if shadow else (base.shadow,)
+    notes, shared = [], {}
+    if not (base.val_data or base.val_split):
+        shared["val_split"] = DEFAULT_VAL_SPLIT
+        notes.append(f"validation: holding out {DEFAULT_VAL_SPLIT:.0%} of the images (choose with --val-data or "
+                     "--val-split)")
+    if not base.save_every:  # a checkpoint to resume an interrupted run from
+        shared["save_every"] = max(1, base.steps // 10)
+        notes.append(f"checkpoints every {shared['save_every']} steps, so an interrupted sweep resumes")
+    output = Path(base.output).expanduser()
+    runs = []
+    for optim in names:
+        for s in shadows if optim in EMO else (False,):
+            for lr in rates:
+                name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
+                values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name)}
+                runs.append(SweepRun(name, resolve_config(None, values)))
+    return output, runs, notes
+
+
+def _comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RESUMABLE}
+
+
+def check_or_record(output: Path, runs: list[SweepRun]) -> None:
+    """A second command on the same folder must describe the same sweep (up to what a
+    resume may change); the first one records it in sweep.json."""
+    folder = RunFolder(output)
+    planned = {"runs": [{"name": r.name, "config": r.cfg.to_dict()} for r in runs]}
+    if folder.sweep_json.is_file():
+        saved = {r["name"]: r["config"] for r in json.loads(folder.sweep_json.read_text())["runs"]}
+        for r in runs:
+            old = saved.get(r.name)
+            if old is not None and _comparable(old) != _comparable(r.cfg.to_dict()):
+                key = next(k for k in _comparable(old) if old[k] != r.cfg.to_dict().get(k))
+                raise UserError(f"{output} holds a sweep whose run {r.name} has another {key} ({old[key]!r}): pass "
+                                "the same flags to resume it, or another --output")
+    elif folder.root.is_dir() and any(folder.root.iterdir()):
+        raise UserError(f"{output} is not empty and holds no sweep: pass an empty or new --output")
+    write_text(folder.sweep_json, json.dumps(planned, indent=2) + "\n")
+
+
+def state_of(run: SweepRun) -> str:
+    """'kept' (finished at its steps), 'resume' (a checkpoint to go on from) or 'start'."""
+    folder = run.folder
+    try:
+        info = json.loads(folder.run_json.read_text())
+    except (OSError, ValueError):
+        info = {}
+    if info.get("status") == "finished" and info.get("steps") == run.cfg.steps:
+        return "kept"
+    return "resume" if list_checkpoints(folder.checkpoints) else "start"
+
+
+def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
+    from ..commands import run_training
+    from .report import write_report
+
+    output, runs, notes = plan(preset, overrides, optims, shadow, lrs)
+    check_or_record(output, runs)
+    for note in notes:
+        echo(note)
+    for i, run in enumerate(runs, 1):
+        state = state_of(run)
+        echo(f"[{i}/{len(runs)}] {run.name}: " + {"kept": "finished earlier, kept", "resume": "resuming",
+                                                   "start": "training"}[state])
+        if state == "kept":
+            continue
+        _release_memory()
+        from ..train import TrainingStopped
+        try:  # as `sdxl-lora` would: the output folder's lock, leftovers tidied, --resume
+            if state == "resume":
+                run_training(None, {k: getattr(run.cfg, k) for k in RESUMABLE}, resume=str(run.folder.root))
+            else:
+                run_training(None, run.cfg.to_dict())
+        except TrainingStopped as stop:
+            if stop.status == "interrupted":
+                raise  # the user stopped the sweep; running it again resumes here
+            echo(f"{run.name} stopped: {stop}; the sweep goes on")  # a diverged lr, say
+    report = write_report([r.folder.root for r in runs], RunFolder(output).report, title=f"emotrain sweep {output.name}")
+    return summary_text([r.folder.root for r in runs]) + f"\nreport: {report}"
+
+
+def summary_text(folders: list) -> str:
+    from rich.console import Console
+    from rich.table import Table
+    import io
+
+    from .runs import load_run
+
+    table = Table(title="sweep: held-out validation loss (fixed noise and timesteps)")
+    for col in ("run", "final val loss", "best val loss (step)", "train time", "optimizer state MB"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for folder in folders:
+        row = load_run(folder).summary()
+        best = "-" if row["best_val_loss"] is None else f"{row['best_val_loss']:.5g} ({row['best_val_step']})"
+        table.add_row(row["run"], "-" if row["final_val_loss"] is None else f"{row['final_val_loss']:.5g}", best,
+                      "-" if row["train_seconds"] is None else f"{row['train_seconds']:.0f} s",
+                      "-" if row["optimizer_state_bytes"] is None else f"{row['optimizer_state_bytes'] / 1e6:,.1f}")
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
