@@ -105,7 +105,7 @@ def main() -> None:
 
     import torch
 
-    from emotrain.data import demo_folder
+    from emotrain.dataset.demo import demo_folder
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     instrument()

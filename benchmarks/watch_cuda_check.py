@@ -32,7 +32,7 @@ def main() -> int:
 
     import emotrain.watch.samples as samples
     from emotrain.cli import app
-    from emotrain.data import demo_folder
+    from emotrain.dataset.demo import demo_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="watch-cuda-"))
     val = str(demo_folder(count=3, size=64, seed=5))

@@ -32,3 +32,14 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     lines = [line for line in out.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in out, out
     return lines[0]
+
+
+def load_image(path: Path, resolution: int, bucket: bool = True):
+    """-> (pixels in [-1, 1], original (h, w), crop top-left (y, x), target (h, w)): one image
+    read as the loop reads it, with the numbers SDXL's size and crop conditioning sees."""
+    from emotrain.dataset.buckets import choose_bucket, place
+    from emotrain.dataset.images import inspect_image, load_pixels
+    width, height, _ = inspect_image(Path(path))
+    placement = place(width, height, *choose_bucket(width, height, resolution, bucket))
+    pixels, _ = load_pixels(Path(path), placement)
+    return pixels, placement.original, placement.crop, placement.target

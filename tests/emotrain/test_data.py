@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 from emotrain.batches import Batches
-from emotrain.data import bucket_sizes, choose_bucket, load_image, scan_folder
+from data_helpers import load_image
+from emotrain.dataset.buckets import bucket_sizes, choose_bucket
+from emotrain.dataset.scan import scan_folder
 from emotrain.errors import UserError
 
 

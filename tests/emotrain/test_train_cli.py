@@ -129,7 +129,7 @@ def test_bad_data_is_refused(tmp_path):
 def test_kohya_repeat_folders(tmp_path):
     from PIL import Image
 
-    from emotrain.data import scan_folder
+    from emotrain.dataset.scan import scan_folder
     (tmp_path / "3_cat").mkdir()
     Image.new("RGB", (32, 48), "red").save(tmp_path / "3_cat" / "a.png")
     (tmp_path / "3_cat" / "a.txt").write_text("a cat\n")
@@ -159,7 +159,8 @@ def test_aspect_ratio_buckets(tmp_path):
     from PIL import Image
 
     from emotrain.batches import Batches
-    from emotrain.data import bucket_sizes, load_image
+    from data_helpers import load_image
+    from emotrain.dataset.buckets import bucket_sizes
     for i, size in enumerate([(128, 64), (130, 60), (64, 128), (64, 64), (64, 64), (200, 100)]):
         Image.new("RGB", size, (40 * i, 100, 200)).save(tmp_path / f"{i}.png")
         (tmp_path / f"{i}.txt").write_text(f"image {i}")

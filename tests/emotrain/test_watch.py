@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from emotrain.data import demo_folder
+from emotrain.dataset.demo import demo_folder
 from helpers import FAST, run_cli, run_json, train
 
 PROMPTS = ["a red circle on a blue background --w 64 --h 64 --s 3 --d 11", "a green square --w 64 --h 96 --s 2"]

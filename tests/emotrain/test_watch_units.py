@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from emotrain.config import TrainConfig
-from emotrain.data import demo_folder
+from emotrain.dataset.demo import demo_folder
 from emotrain.errors import UserError
 from emotrain.watch.prompts import parse_line
 from emotrain.watch.schedule import due, interval
