@@ -6,11 +6,28 @@ import tempfile
 import pytest
 
 # Every test builds the tiny model and demo data into a private cache: tests never read a
-# user's cache and never touch the network.
-_CACHE = tempfile.mkdtemp(prefix="emotrain-test-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ.setdefault("EMOTRAIN_CACHE", _CACHE)
+# user's cache and never touch the network. Under pytest-xdist the controller makes the
+# cache and its workers inherit it (one tiny model for the whole session); only the
+# controller removes it, after every worker is done.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if "EMOTRAIN_CACHE" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="emotrain-test-cache-")
+    os.environ["EMOTRAIN_CACHE"] = _CACHE
+    if not _WORKER:
+        atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Workers share the cores: one OpenMP thread each (inherited by the commands they start),
+# or torch's threads spin against each other and everything slows down many times over.
+if _WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+
+@pytest.hookimpl(optionalhook=True)  # also without pytest-xdist (-p no:xdist)
+def pytest_xdist_auto_num_workers(config):
+    # Each worker's commands hold a model and its imports (~0.5-1.5 GB): a few suffice.
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 @pytest.fixture(scope="session")
