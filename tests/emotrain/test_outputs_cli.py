@@ -143,6 +143,6 @@ def test_vram_command(tmp_path):
     for key in ("emosens", "emosens-shadow", "emoairy", "emocats", "adamw", "adamw8bit", "adafactor", "lion"):
         assert {"state_bytes", "total_bytes"} <= set(plan["optimizers"][key])
     assert plan["optimizers"]["emosens"]["state_bytes"] == 2 * 4 * 24_593_920
-    measured = json.loads(run_cli("vram", "--model", "tiny", "--rank", "4", "--measure", "--measure-steps", "2",
-                                  "--optim", "emoairy,emocats", "--json").stdout)  # progress goes to stderr
+    measured = json.loads(run_cli("vram", "--model", "tiny", "--rank", "4", "--resolution", "64", "--measure",
+                                  "--measure-steps", "2", "--optim", "emoairy,emocats", "--json").stdout)  # bar: stderr
     assert all(row["match"] for row in measured["optimizers"].values())

@@ -72,8 +72,8 @@ def test_without_a_terminal_a_log_gets_plain_progress_lines(tmp_path):
 
 
 def test_vram_measure_shows_progress_and_8bit_loads_bitsandbytes_quietly():
-    out = emotrain("vram", "--model", "tiny", "--rank", "4", "--measure", "--measure-steps", "2", "--optim",
-                   "emoairy", report_bnb=True)
+    out = emotrain("vram", "--model", "tiny", "--rank", "4", "--resolution", "64", "--measure", "--measure-steps", "2",
+                   "--optim", "emoairy", report_bnb=True)
     assert out.returncode == 0, out.stderr
     assert "building the UNet ..." in out.stderr and "measuring (2) ..." in out.stderr
     assert "bitsandbytes: NoneType" in out.stderr and "EmoAiry" in out.stdout
