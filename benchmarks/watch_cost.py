@@ -2,6 +2,7 @@
 
     python benchmarks/watch_cost.py              # 200 steps, 2 interleaved rounds
     python benchmarks/watch_cost.py --quick      # 20 steps, 1 round
+    python benchmarks/watch_cost.py --steps 1000 --rounds 1 --modes watched,bare
 
 Three settings of the same run (demo data, 64 px, batch 2, rank 4, EmoAiry):
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--modes", default="bare,logging,watched", help="which settings, in this order")
     args = parser.parse_args()
     steps = args.steps or (20 if args.quick else 200)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -111,8 +113,9 @@ def main() -> None:
     instrument()
     tmp = Path(tempfile.mkdtemp(prefix="watch-cost-"))
     val_dir = str(demo_folder(count=2, size=64, seed=7))
-    modes = settings(steps, val_dir)
-    one_run(tmp / "warm-up", 2, modes["watched"])  # imports, tiny model and demo data built once
+    every = settings(steps, val_dir)
+    modes = {m: every[m] for m in args.modes.split(",")}
+    one_run(tmp / "warm-up", 2, every["watched"])  # imports, tiny model and demo data built once
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(rounds):
         for mode, extra in modes.items():

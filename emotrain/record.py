@@ -10,7 +10,7 @@ Only the main process writes.
 from __future__ import annotations
 
 from .layout import RunFolder
-from .report import write_json
+from .runinfo import write_json
 
 
 class RunRecord:

@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from safetensors import SafetensorError
 
-from . import checkpoint, distributed, processes, report
+from . import checkpoint, distributed, processes, runinfo
 from .batches import Batches
 from .config import TrainConfig
 from .dataset.encode import prepare_data
@@ -153,7 +153,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
               torch.Generator().manual_seed(distributed.noise_seed(cfg.seed, rank)), stops,
               distributed.Trace(cfg.output, rank), watch)
     folder = RunFolder(cfg.output)
-    run.info = {"model_source": sdxl.source, "versions": report.versions(), "examples": len(data.entries),
+    run.info = {"model_source": sdxl.source, "versions": runinfo.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
                 "resumed_from": folder.relative(resume) if resume else None}
@@ -270,7 +270,7 @@ def save_lora(run: Run, output: Path) -> dict:
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = report.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
+    metadata = runinfo.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}
@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                        "final_loss": record.losses[-1] if record.losses else None,
                        "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
                        "checkpoint": folder.relative(final), "files": save_lora(run, folder.root) if main else {},
-                       "memory": report.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
+                       "memory": runinfo.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
                                                       [run.sdxl.unet])}
             record.write("finished", **summary)
     summary = {**run.info, **summary, "status": "finished", "losses": record.losses,
