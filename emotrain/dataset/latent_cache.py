@@ -48,6 +48,10 @@ def module_identity(*modules) -> str:
     for module in modules:
         config = getattr(module, "config", None)
         config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+        # diffusers' own entries (_name_or_path, _diffusers_version, ...) say where the model was
+        # loaded from and by which release, not what it computes: a moved model keeps its cache
+        # and, since the VAE's sample is seeded from the key, its exact latents.
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
         for name, t in module.state_dict().items():
             flat = t.detach().reshape(-1)

@@ -4,6 +4,7 @@ nothing, a changed image is encoded again (and only it), a damaged file is never
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,14 @@ def test_second_start_and_resume_encode_nothing(tmp_path, calls):
     assert calls == {"vae": 0, "text": 0}
     cached = run_json(tmp_path / "o2")["data"]["cache"]
     assert (cached["latents_loaded"], cached["latents_encoded"], cached["texts_loaded"]) == (10, 0, 5)
+
+
+def test_a_moved_model_keeps_its_cache_and_its_results(tmp_path, calls, tiny_path):
+    data, cache = write_images(tmp_path / "d", CAPTIONS), tmp_path / "cache"
+    moved = Path(shutil.copytree(tiny_path, tmp_path / "elsewhere" / "my-model"))
+    _run(tmp_path / "o1", data, cache, calls=calls)
+    assert _run(tmp_path / "o2", data, cache, "--model", moved, calls=calls) == {"vae": 0, "text": 0}
+    assert run_json(tmp_path / "o2")["losses"] == run_json(tmp_path / "o1")["losses"]
 
 
 def test_a_changed_image_is_encoded_again_and_only_it(tmp_path, calls):
