@@ -10,7 +10,7 @@ noise generator; nothing here changes a gradient, a parameter or the data order.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from ..layout import SAMPLE_NAME, RunFolder
 from ..progress import SMOOTHING
@@ -74,7 +74,8 @@ class Watch:
             if self.prompts:
                 run.info["sample_prompts"] = [p.to_dict() for p in self.prompts]
             if run.step == 0:
-                with self.progress.task("validation and samples before training"):
+                what = " and ".join(w for w, on in (("validation", self.validation), ("samples", self.prompts)) if on)
+                with self.progress.task(f"{what} before training") if what else nullcontext():
                     self._checkpoint_views(run, {"step": 0, "time": 0.0})
         self._last_log = (run.step, self.train_time)
         self._plan(run)
