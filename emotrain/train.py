@@ -182,7 +182,7 @@ def micro_batch_loss(run: Run) -> torch.Tensor:
         embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
     loss = denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
                           run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma, weight=batch.weight,
-                          dtype=run.sdxl.unet.dtype)
+                          dtype=weight_dtype(run.cfg.mixed_precision))  # unet.dtype walks every module
     run.trace.write(step=run.step + 1, examples=indices, loss=loss.item(),
                     images=[run.data.entries[i].example.image.name for i in indices])
     return loss

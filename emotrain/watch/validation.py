@@ -21,6 +21,7 @@ from ..dataset.captions import fixed_caption
 from ..dataset.images import latent_mask, load_pixels
 from ..dataset.scan import scan_data
 from ..errors import UserError
+from ..precision import weight_dtype
 from ..sdxl import encode_images, encode_prompts, noised_loss, time_ids
 
 SEED_OFFSET = 0x5EED_7A1  # validation noise is its own stream, not the training noise's start
@@ -135,7 +136,7 @@ class Validation:
                     per_sample = noised_loss(unet, run.sdxl.noise_scheduler, item.latents.to(device)[None].expand(
                         n, *item.latents.shape), noise[lo:lo + n], timesteps[lo:lo + n],
                         embeds[None].expand(n, *embeds.shape), pooled[None].expand(n, *pooled.shape),
-                        item.time_ids.to(device)[None].expand(n, -1), cfg.min_snr_gamma, weight, run.sdxl.unet.dtype)
+                        item.time_ids.to(device)[None].expand(n, -1), cfg.min_snr_gamma, weight, weight_dtype(cfg.mixed_precision))
                 total += per_sample.double().sum()
                 count += n
         return float(total / count)
