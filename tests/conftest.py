@@ -5,16 +5,19 @@ import tempfile
 
 import pytest
 
-# Every test builds the tiny model and demo data into a private cache: tests never read a
-# user's cache and never touch the network. Under pytest-xdist the controller makes the
-# cache and its workers inherit it (one tiny model for the whole session); only the
-# controller removes it, after every worker is done.
+# Every test builds the tiny model and demo data into a private cache: tests never read or
+# write a user's cache (an EMOTRAIN_CACHE of their own included) and never touch the
+# network. Under pytest-xdist the controller makes the cache and its workers inherit it
+# (one tiny model for the whole session); only the process that made it removes it, after
+# every worker is done.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if "EMOTRAIN_CACHE" not in os.environ:
+if _WORKER and os.environ.get("EMOTRAIN_TEST_CACHE"):
+    _CACHE = os.environ["EMOTRAIN_TEST_CACHE"]
+else:
     _CACHE = tempfile.mkdtemp(prefix="emotrain-test-cache-")
-    os.environ["EMOTRAIN_CACHE"] = _CACHE
-    if not _WORKER:
-        atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["EMOTRAIN_TEST_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["EMOTRAIN_CACHE"] = _CACHE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Workers share the cores: one OpenMP thread each (inherited by the commands they start),
