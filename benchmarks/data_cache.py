@@ -27,7 +27,7 @@ from PIL import Image
 TIMED_START = """
 import sys, time
 from emotrain.config import resolve_config
-from emotrain.train import train
+from emotrain.run.loop import train
 cfg = resolve_config(None, {{"model": "tiny", "data": {data!r}, "resolution": {resolution}, "steps": 1,
                             "rank": 4, "cache_dir": {cache!r}, "output": {out!r}}})
 started = time.perf_counter()

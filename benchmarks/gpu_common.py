@@ -82,7 +82,7 @@ def environment() -> dict:
 
 def lora_shapes(rank: int, alpha: float, conv_rank: int, conv_alpha: float) -> list[tuple]:
     """Shapes of the trainable tensors of SDXL's full-layer LoRA (built on the meta device)."""
-    from emotrain.sdxl import meta_lora_unet
+    from emotrain.lora.inject import meta_lora_unet
     unet = meta_lora_unet(model="sdxl", rank=rank, alpha=alpha, conv_rank=conv_rank, conv_alpha=conv_alpha)
     return [tuple(p.shape) for p in unet.parameters() if p.requires_grad]
 

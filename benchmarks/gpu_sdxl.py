@@ -11,8 +11,8 @@ lines printed are a compact table.
 sdxl  the run ``emotrain.config.TrainConfig(model="sdxl", rank=32, alpha=16, conv_rank=8,
       conv_alpha=4, mixed_precision="bf16", gradient_checkpointing=True, resolution=1024,
       batch_size=1)`` describes (the shipped presets' LoRA): SDXL 1.0's UNet with random
-      weights (``emotrain.sdxl.random_lora_unet`` with ``lora_config_for_run(cfg)``), bf16
-      base, fp32 LoRA, bf16 autocast, the training loop's ``denoising_loss`` with min-SNR 5
+      weights (``emotrain.lora.inject.random_lora_unet`` with ``lora_config_for_run(cfg)``), bf16
+      base, fp32 LoRA, bf16 autocast, the training loop's ``Objective.loss`` with min-SNR 5
       on random latents and conditioning, gradient clipping at 1.0. Per optimizer:
       warm-up steps, then timed steps (batch, forward, backward, ``loss.item()``, clip,
       optimizer step; phases timed with CUDA events), peak CUDA memory (stats reset per
@@ -68,10 +68,10 @@ def random_batch(config, batch_size: int, resolution: int, generator) -> dict:
 
 
 def build_unet(cfg):
-    from emotrain import sdxl
+    from emotrain.lora.inject import lora_config_for_run, random_lora_unet
     from emotrain.precision import weight_dtype
     torch.manual_seed(cfg.seed)
-    unet = sdxl.random_lora_unet(cfg.model, sdxl.lora_config_for_run(cfg), common.DEV, weight_dtype(cfg.mixed_precision))
+    unet = random_lora_unet(cfg.model, lora_config_for_run(cfg), common.DEV, weight_dtype(cfg.mixed_precision))
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -88,6 +88,7 @@ def part_sdxl(args) -> dict:
     from diffusers import DDPMScheduler
 
     from emotrain import sdxl, vram
+    from emotrain.loss import Objective
     from emotrain.optimizers import build_optimizer, takes_loss
     from emotrain.precision import weight_dtype
 
@@ -126,8 +127,8 @@ def part_sdxl(args) -> dict:
             ev = [Mark()]
             batch = random_batch(unet.config, cfg.batch_size, cfg.resolution, generator)
             with autocast:
-                loss = sdxl.denoising_loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
-                                           batch["time_ids"], generator, min_snr_gamma=5.0)
+                loss = Objective(min_snr_gamma=5.0).loss(unet, scheduler, batch["latents"], batch["hidden"],
+                                                         batch["pooled"], batch["time_ids"], generator)
             loss.backward()
             ev.append(Mark())
             value = loss.item()
@@ -225,6 +226,7 @@ def part_diag(args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from emotrain import sdxl
+    from emotrain.loss import Objective
     out = {}
     x = torch.zeros(1, device=common.DEV)
     for _ in range(1000):
@@ -256,8 +258,8 @@ def part_diag(args) -> dict:
     def step():
         batch = random_batch(unet.config, 1, cfg.resolution, gen)
         with torch.autocast(common.DEV.type, dtype=torch.bfloat16):
-            loss = sdxl.denoising_loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
-                                       batch["time_ids"], gen, min_snr_gamma=5.0)
+            loss = Objective(min_snr_gamma=5.0).loss(unet, scheduler, batch["latents"], batch["hidden"],
+                                                     batch["pooled"], batch["time_ids"], gen)
         loss.backward()
         loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -3,7 +3,7 @@
     python benchmarks/optim_step.py            # 15 interleaved rounds
     python benchmarks/optim_step.py --quick    # 3 rounds
 
-The shapes come from ``emotrain.sdxl.meta.meta_lora_unet`` (SDXL 1.0 UNet on the meta
+The shapes come from ``emotrain.lora.inject.meta_lora_unet`` (SDXL 1.0 UNet on the meta
 device with the full-layer LoRA, conv LoRA included): 1,576 tensors, 24.6 M parameters.
 Real CPU tensors of those shapes are allocated once and shared by every optimizer; all
 optimizers see the same gradients. Steps are interleaved round-robin (one step of each
@@ -60,7 +60,7 @@ class TorchLion(torch.optim.Optimizer):
 
 
 def sdxl_lora_shapes():
-    from emotrain.sdxl.meta import meta_lora_unet
+    from emotrain.lora.inject import meta_lora_unet
     unet = meta_lora_unet(model="sdxl", rank=8, alpha=8, conv_rank=8, conv_alpha=8)
     return [tuple(p.shape) for p in unet.parameters() if p.requires_grad]
 

@@ -17,10 +17,10 @@ from typing import List, Optional
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import processes
+from .run import processes
 from .errors import UserError
 from .options import OPTIONS, Option
-from .formats import FORMATS
+from .lora.formats import FORMATS
 from .quiet import hide_bitsandbytes
 
 hide_bitsandbytes()  # until an 8-bit optimizer asks for it (quiet.py)
@@ -150,7 +150,7 @@ PRESET = _extra("preset", Optional[str], typer.Option(
     None, metavar="FOLDER", help="Continue a run: its output folder or a checkpoint folder.", rich_help_panel="Checkpoints"))])
 def sdxl_lora(**values):
     """Train an SDXL full-layer LoRA."""
-    from .commands import run_training
+    from .commands.train import run_training
     try:
         run_training(values.pop("preset"), overrides_from(values), values.pop("resume"))
     except UserError as exc:
@@ -187,7 +187,7 @@ def vram(**values):
     Takes the same preset and flags as sdxl-lora; --optim also takes 'all' or a
     comma-separated list for a comparison table. Without --model it plans SDXL 1.0 from
     its shipped configs (no weights needed)."""
-    from .commands import run_vram
+    from .commands.vram import run_vram
     try:
         typer.echo(run_vram(values.pop("preset"), overrides_from(values), both=values.pop("both"),
                             as_json=values.pop("as_json"), measure=values.pop("measure"),
@@ -216,7 +216,7 @@ def sweep(**values):
 
     Takes every sdxl-lora flag. Without --val-data/--val-split it holds out 10% of the
     images for validation; without --save-every it checkpoints every 10% of the steps."""
-    from .watch.sweep import run_sweep
+    from .commands.sweep import run_sweep
     optims, shadow, lrs = values.pop("optim"), values.pop("shadow"), values.pop("lr")
     try:
         typer.echo(run_sweep(values.pop("preset"), overrides_from(values), optims, shadow, lrs, echo=typer.echo))
@@ -232,7 +232,7 @@ def report(
 ):
     """Write report.html: loss, validation loss, lr, emotion scalar, memory and samples of
     a run, or of several runs overlaid (curves on shared axes, samples side by side)."""
-    from .commands import run_report
+    from .commands.report import run_report
     try:
         typer.echo(run_report(runs, out))
     except UserError as exc:
@@ -254,7 +254,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (never a folder)."),
 ):
     """Stack LoRAs: bake them into a base model, or combine them into one LoRA."""
-    from .commands import run_merge
+    from .commands.lora import run_merge
     try:
         typer.echo(run_merge(lora, output, model=model, rank=rank, conv_rank=conv_rank, to=to.value,
                              overwrite=overwrite))
@@ -270,7 +270,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file (never a folder)."),
 ):
     """Convert a LoRA file to another format (a DST without .safetensors is a folder)."""
-    from .commands import run_convert
+    from .commands.lora import run_convert
     try:
         typer.echo(run_convert(src, dst, to.value, overwrite=overwrite))
     except UserError as exc:

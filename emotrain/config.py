@@ -9,10 +9,10 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from .atomic import check_writable
+from .disk.atomic import check_writable
 from .dataset import check_options as check_data_options
 from .errors import UserError
-from .formats import resolve_lora_file
+from .lora.formats import resolve_lora_file
 from .optimizers import parse_optim_args
 from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
 from .sources import check_model, tiny_seed

@@ -19,9 +19,9 @@ from typing import Any
 from .errors import UserError
 from .optimizers import NAMES as OPTIMIZER_NAMES
 from .precision import PRECISIONS
-from .watch.prompts import SAMPLERS
+from .samplers import NAMES as SAMPLERS
 
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # LoRA placements on the UNet. "transformer": sd-scripts' default LoRA (networks.lora
 # without conv_dim): the linear layers of the transformer blocks only. "full": sd-scripts
 # with conv_dim (LoCon): also the ResNets (3x3 convs, time-embedding projection, 1x1
@@ -188,7 +188,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, maximum=MAX_COUNT, resumable=True),
     _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, maximum=4096, memory=True),
     _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1, maximum=MAX_COUNT),
-    _o("lr_scheduler", str, "constant", "LR schedule.", "Schedule", choices=SCHEDULERS, choice_word="scheduler"),
+    _o("lr_scheduler", str, "constant", "LR schedule.", "Schedule", choices=LR_SCHEDULERS, choice_word="scheduler"),
     _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0, maximum=MAX_COUNT),
     _o("seed", int, 42, "Seed of the LoRA init, data order and noise.", "Schedule", minimum=0,
        maximum=2**32 - 1),

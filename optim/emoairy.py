@@ -6,7 +6,8 @@ import torch
 
 from . import _native
 from ._stats import count_factored, count_square_at_most
-from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator
+from ._adamstyle import AdamStyleOptimizer
+from ._base import StepScalars, masked_indices, on_accelerator
 from .emosens import emosens_foreach
 
 
@@ -161,28 +162,22 @@ EMOAIRY(double, f64, sqrt)
 """)
 
 
-class EmoAiry(EmoOptimizer):
-    """Adafactor-like member of the Emo family (see optim/SPEC.md, section 5)."""
+class EmoAiry(AdamStyleOptimizer):
+    """Adafactor-like member of the Emo family (see optim/SPEC.md, section 5). Constructor
+    and defaults: EmoSens' (``AdamStyleOptimizer``, optim/_adamstyle.py), as is the state
+    of vectors."""
 
     _stacks_by_shape = True
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, use_shadow: bool = False, *,
-                 foreach: bool | None = None, fused: bool = False, sync_loss: bool = True):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        use_shadow=use_shadow)
-        super().__init__(params, defaults, foreach=foreach, fused=fused, sync_loss=sync_loss)
-
     def _init_param_state(self, p, st):
+        if p.dim() < 2:
+            super()._init_param_state(p, st)  # spec 5: EmoSens' m and v
+            return
         dt = self._state_dtype(p)
-        if p.dim() >= 2:
-            # Keepdim shapes: (d0, 1, ..., 1) and (1, d1, ..., dk), d0 + prod(rest) elements.
-            st["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dt,
-                                          device=p.device)
-            st["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dt, device=p.device)
-        else:
-            st["exp_avg"] = torch.zeros_like(p, dtype=dt)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt)
+        # Keepdim shapes: (d0, 1, ..., 1) and (1, d1, ..., dk), d0 + prod(rest) elements.
+        st["exp_avg_r"] = torch.zeros((p.shape[0],) + (1,) * (p.dim() - 1), dtype=dt,
+                                      device=p.device)
+        st["exp_avg_c"] = torch.zeros((1,) + tuple(p.shape[1:]), dtype=dt, device=p.device)
 
     def _held_back_count(self, g, hp):
         if g.dim() >= 2:

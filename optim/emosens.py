@@ -6,7 +6,8 @@ import torch
 
 from . import _native
 from ._stats import count_below
-from ._base import EmoOptimizer, StepScalars, masked_indices, on_accelerator, open_masks
+from ._adamstyle import AdamStyleOptimizer
+from ._base import StepScalars, masked_indices, on_accelerator, open_masks
 
 
 def emosens_update(p: torch.Tensor, g: torch.Tensor, exp_avg: torch.Tensor,
@@ -82,20 +83,10 @@ def emosens_fused(ps, gs, exp_avgs, exp_avg_sqs, hp: StepScalars) -> None:
                    [hp.lr * hp.wd, hp.step_size, hp.beta1, hp.beta2, hp.eps, hp.thr3])
 
 
-class EmoSens(EmoOptimizer):
-    """Adam-like member of the Emo family (see optim/SPEC.md, section 4)."""
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01, use_shadow: bool = False, *,
-                 foreach: bool | None = None, fused: bool = False, sync_loss: bool = True):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        use_shadow=use_shadow)
-        super().__init__(params, defaults, foreach=foreach, fused=fused, sync_loss=sync_loss)
-
-    def _init_param_state(self, p, st):
-        dt = self._state_dtype(p)
-        st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+class EmoSens(AdamStyleOptimizer):
+    """Adam-like member of the Emo family (see optim/SPEC.md, section 4). Constructor,
+    defaults and state (``exp_avg``, ``exp_avg_sq``): ``AdamStyleOptimizer``
+    (optim/_adamstyle.py)."""
 
     def _held_back_count(self, g, hp):
         return count_below(g, hp.thr3)

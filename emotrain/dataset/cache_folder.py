@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..atomic import check_writable
-from ..cache import cache_root
+from ..disk.atomic import check_writable
+from ..disk.cache import cache_root
 from ..errors import UserError
 
 DATA_CACHE = "data"  # under emotrain's cache folder

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..atomic import atomic_path
-from ..cache import cache_root
+from ..disk.atomic import atomic_path
+from ..disk.cache import cache_root
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
            "white": (245, 245, 245), "black": (15, 15, 15)}

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_path, write_text
+from ..disk.atomic import atomic_path, write_text
 from ..errors import UserError
 from .cache_folder import check_folder
 

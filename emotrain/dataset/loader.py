@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_text
+from ..disk.atomic import write_text
 from ..sdxl import encode_images, time_ids
 from .buckets import Placement
 from .captions import draw_caption, fixed_caption

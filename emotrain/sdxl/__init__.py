@@ -1,19 +1,20 @@
-"""SDXL: the one model family emotrain trains, and everything that is particular to it.
+"""SDXL: everything emotrain knows that is particular to the SDXL architecture.
 
-The rest of emotrain uses only the names imported here, never this package's modules:
-loading (``load_sdxl``, ``load_pipeline``, ``resolve_model``), LoRA targets
-(``lora_config_for_run``, ``add_lora``...), conditioning and loss (``encode_*``,
-``time_ids``, ``denoising_loss``), the build without weights (``meta_sdxl``...), key names
-and metadata for LoRA files. A second family (SD 1.5, say) would be a sibling package
-with these same names, chosen by the model being loaded.
+emotrain trains one model family, SDXL (SDXL 1.0 and the community checkpoints of its
+architecture); this package is where that knowledge lives, so the rest of emotrain
+reaches it only through the names imported here, never this package's modules: loading
+(``load_sdxl``, ``load_pipeline``, ``resolve_model``), which layers take an adapter
+(``unet_targets``, ``layer_kind``...), conditioning (``encode_*``, ``time_ids``) and the
+UNet's call (``predict``), the builds without weights (``meta_parts``, ``random_unet``...),
+and the module names of LoRA files (kohya, SGM, diffusers). It is not a plug-in seam for
+other families: a second family would first need one here.
 """
 
 from .configs import load_config
-from .conditioning import denoising_loss, encode_images, noised_loss, time_ids
+from .conditioning import encode_images, predict, time_ids
 from .prompts import count_tokens, encode_prompts, token_ids
-from .lora import (LAYER_KINDS, TRANSFORMER_KINDS, add_lora, is_conv3x3_target, layer_kind, lora_config_for_run,
-                   lora_module_names, text_encoder_lora_config, unet_lora_config)
-from .meta import meta_lora_unet, meta_sdxl, meta_unet, random_lora_unet, unet_config
+from .targets import LAYER_KINDS, TEXT_ENCODER_TARGETS, TRANSFORMER_KINDS, Targets, layer_kind, unet_targets
+from .meta import meta_parts, meta_unet, random_unet, unet_config
 from .model import SDXL, load_pipeline, load_sdxl, resolve_model
 from .tiny import tiny_sdxl_path
 from .sgm import sgm_block_table, unet_name_from_sgm, unet_name_to_sgm

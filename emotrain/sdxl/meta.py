@@ -13,7 +13,6 @@ import torch
 
 from ..errors import UserError
 from .configs import load_config
-from .lora import add_lora, lora_config_for_run, unet_lora_config
 
 
 def _is_sdxl_layout(model: str) -> bool:
@@ -42,15 +41,6 @@ def meta_unet(config: dict | None = None):
         return UNet2DConditionModel.from_config(config or load_config("sdxl_unet"))
 
 
-def meta_lora_unet(model: str = "sdxl", rank: int = 8, alpha: float = 8, conv_rank: int | None = None,
-                   conv_alpha: float | None = None, targets: str = "full"):
-    """The UNet with a training LoRA applied, on the meta device."""
-    unet = meta_unet(unet_config(model))
-    with torch.device("meta"):
-        add_lora(unet, unet_lora_config(rank, alpha, conv_rank, conv_alpha, targets))
-    return unet
-
-
 def _component_configs(model: str) -> dict:
     """(class name, config) of the text encoders and the VAE."""
     from diffusers import AutoencoderKL
@@ -71,32 +61,25 @@ def _component_configs(model: str) -> dict:
         raise UserError(f"cannot read the model configs in {folder} ({exc})".splitlines()[0]) from None
 
 
-def meta_sdxl(cfg, lora_configs: dict | None = None) -> dict:
-    """UNet, both text encoders and VAE on the meta device with the LoRA ``cfg`` trains.
-    ``lora_configs``: component -> peft config where it is given (the LoRA file of
-    --network-weights, whose ranks and targets win)."""
+def meta_parts(model: str = "sdxl") -> dict:
+    """UNet, both text encoders and VAE on the meta device, frozen (no weights read)."""
     import transformers
     from diffusers import AutoencoderKL
 
-    model = cfg.model or "sdxl"
     configs = _component_configs(model)
     modules = {"unet": meta_unet(unet_config(model))}
     with torch.device("meta"):
         for name, (cls, config) in configs.items():
             modules[name] = (AutoencoderKL.from_config(config) if name == "vae"
                              else getattr(transformers, cls)(config))
-        for name, module in modules.items():
-            module.requires_grad_(False)
-            if name == "vae" or (name != "unet" and not cfg.train_text_encoders):
-                continue
-            # As training does: the file's LoRA where it has one, else a fresh one.
-            add_lora(module, (lora_configs or {}).get(name) or lora_config_for_run(cfg, name))
+    for module in modules.values():
+        module.requires_grad_(False)
     return modules
 
 
-def random_lora_unet(model: str, lora_config, device, dtype):
+def random_unet(model: str, device, dtype):
     """A real UNet with random weights (``sdxl``: SDXL 1.0's shape, built on ``device``;
-    a folder or ``tiny``: its own weights) and the LoRA applied, for measuring memory."""
+    a folder or ``tiny``: its own weights), for measuring memory."""
     from diffusers import UNet2DConditionModel
 
     if _is_sdxl_layout(model):
@@ -111,7 +94,5 @@ def random_lora_unet(model: str, lora_config, device, dtype):
         unet = UNet2DConditionModel.from_pretrained(resolve_model(model), subfolder="unet")
     # diffusers warns on any .to(dtype=...), even a no-op one
     unet.to(device) if dtype == torch.float32 else unet.to(device=device, dtype=dtype)
-    add_lora(unet, lora_config)
-    unet.to(device)
     return unet
 

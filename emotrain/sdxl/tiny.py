@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
-from ..cache import cache_root
+from ..disk.atomic import atomic_path
+from ..disk.cache import cache_root
 from .configs import load_config
 
 FORMAT_VERSION = 1

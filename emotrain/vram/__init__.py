@@ -2,7 +2,6 @@
 runs and by real steps (measure.py), shown as tables (render.py)."""
 
 from .measure import EMOTION_JUMP, cuda_memory_report, measure, process_peak_rss_bytes
-from .plan import (ALL_OPTIMIZERS, MB, REFERENCE, base_weight_bytes, lora_parameters, parse_optims, plan, plan_rows,
-                   row_key, shadow_settings)
-from .render import format_markdown, format_measure, format_table, row_label
-from .state import init_optimizer_state, measure_state_bytes, planned_state_bytes
+from .plan import MB, REFERENCE, base_weight_bytes, lora_parameters, parse_optims, plan, plan_rows, row_key, shadow_settings
+from .render import format_measure, format_table, row_label
+from .state import init_optimizer_state, planned_state_bytes

@@ -10,10 +10,12 @@ import sys
 import torch
 
 from .. import sdxl
+from ..lora.inject import lora_config_for_run, random_lora_unet
+from ..loss import Objective
 from ..optimizers import build_optimizer, parse_optim_args, takes_loss
 from ..precision import weight_dtype
 from .plan import network_lora_configs, parse_optims, plan, plan_rows, row_key, shadow_settings
-from .state import measure_state_bytes
+from optim import state_nbytes
 
 # Loss added to what the optimizer is told on step 2 of a shadow-on measurement: the
 # shadow buffer appears only once |s| > 0.1, which random data need not reach in a few
@@ -78,9 +80,9 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
 
     planned = plan(cfg.replace(train_text_encoders=False), names, shadow)
     torch.manual_seed(cfg.seed)
-    lora_config = network_lora_configs(cfg).get("unet") or sdxl.lora_config_for_run(cfg)
+    lora_config = network_lora_configs(cfg).get("unet") or lora_config_for_run(cfg)
     with progress.task("building the UNet") if progress else nullcontext():
-        unet = sdxl.random_lora_unet(model, lora_config, device, dtype)
+        unet = random_lora_unet(model, lora_config, device, dtype)
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -89,6 +91,7 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
     scheduler = DDPMScheduler.from_config(sdxl.load_config("sdxl_scheduler"))  # the tiny model shares it
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     args = parse_optim_args(cfg.optim_args)
+    objective = Objective.of(cfg)
 
     results = {}
     phase = progress.task("measuring", total=len(rows) * steps) if progress else nullcontext(lambda n=1: None)
@@ -106,8 +109,8 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
             for step in range(1, steps + 1):
                 batch = _random_batch(unet.config, cfg.batch_size, cfg.resolution, device, generator)
                 with autocast:  # the training loop's own loss, on random latents and conditioning
-                    loss = sdxl.denoising_loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
-                                               batch["time_ids"], generator)
+                    loss = objective.loss(unet, scheduler, batch["latents"], batch["hidden"], batch["pooled"],
+                                          batch["time_ids"], generator)
                 loss.backward()
                 value = loss.item()
                 losses.append(value)
@@ -119,7 +122,7 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
                 advance()
                 if s and shadow_step is None and _has_shadow(opt):
                     shadow_step = step
-            measured = measure_state_bytes(opt)
+            measured = state_nbytes(opt)
             planned_bytes = planned["optimizers"][key]["state_bytes"]
             results[key] = {
                 "optimizer": name, "shadow": s, "planned_state_bytes": planned_bytes,

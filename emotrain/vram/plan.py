@@ -15,12 +15,14 @@ import torch
 from .. import sdxl
 from ..dataset import Needs
 from ..errors import UserError
+from ..lora.inject import meta_sdxl
+from ..lora.kinds import LORA
+from ..lora.live import frozen_tensors
 from ..optimizers import EMO, NAMES, parse_optim_args
 from ..precision import weight_dtype
 from .state import planned_state_bytes
 
 MB = 1_000_000  # the published claim (340 MB for 85 M fp32 values) is in decimal megabytes
-ALL_OPTIMIZERS = NAMES
 REFERENCE = "emocats"  # the published figures are relative to EmoCats, shadow off
 SHADOW_CHOICES = ("off", "on", "both")
 
@@ -37,14 +39,14 @@ def shadow_settings(shadow) -> tuple[bool, ...]:
 def parse_optims(optims) -> list[str]:
     """``"all"``, ``"emosens,adamw"`` or a list -> optimizer names, in the given order."""
     if optims is None or optims == "all" or optims == ["all"]:
-        return list(ALL_OPTIMIZERS)
+        return list(NAMES)
     items = optims.split(",") if isinstance(optims, str) else list(optims)
     names = []
     for item in items:
         for name in str(item).split(","):
             name = name.strip()
             if name == "all":
-                names.extend(n for n in ALL_OPTIMIZERS if n not in names)
+                names.extend(n for n in NAMES if n not in names)
             elif name and name not in names:
                 names.append(name)
     if not names:
@@ -61,9 +63,9 @@ def _lora_breakdown(modules: dict) -> dict[str, dict]:
     out = {kind: {"modules": 0, "params": 0} for kind, _ in sdxl.LAYER_KINDS}
     for component, module in modules.items():
         for name, sub in module.named_modules():
-            if not hasattr(sub, "lora_A") or "default" not in getattr(sub, "lora_A", {}):
+            if not LORA.is_layer(sub):
                 continue
-            n = sum(p.numel() for adapter in (sub.lora_A, sub.lora_B) for p in adapter.parameters())
+            n = LORA.layer_parameters(sub)
             entry = out.setdefault(sdxl.layer_kind(f"{component}.{name}" if component != "unet" else name),
                                    {"modules": 0, "params": 0})
             entry["modules"] += 1
@@ -74,9 +76,7 @@ def _lora_breakdown(modules: dict) -> dict[str, dict]:
 def _module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the frozen weights (and buffers) once cast to ``dtype``; LoRA excluded."""
     total = 0
-    tensors = [t for n, t in module.named_parameters() if "lora_" not in n]
-    tensors += [t for n, t in module.named_buffers() if "lora_" not in n]
-    for t in tensors:
+    for t in frozen_tensors(module):
         size = torch.empty((), dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
         total += t.numel() * size
     return total
@@ -107,8 +107,8 @@ def network_lora_configs(cfg) -> dict:
     """The peft configs of --network-weights per component (its ranks and targets win)."""
     if not cfg.network_weights:
         return {}
-    from ..formats import load_lora_file
-    from ..formats.model import lora_config_for
+    from ..lora.formats import load_lora_file
+    from ..lora.inject import lora_config_for
     start = load_lora_file(cfg.network_weights)
     return {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")}
 
@@ -137,7 +137,7 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     sample not included)."""
     started = time.perf_counter()
     rows = plan_rows(parse_optims(optims or cfg.optim), shadow_settings(cfg.shadow if shadow is None else shadow))
-    modules = sdxl.meta_sdxl(cfg, network_lora_configs(cfg))
+    modules = meta_sdxl(cfg, network_lora_configs(cfg))
     params = lora_parameters(modules)
     lora_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights

@@ -83,19 +83,6 @@ def _sampling_line(p: dict) -> str:
             f"(+{_mb(s['models_bytes'])} MB on every step).")
 
 
-def format_markdown(p: dict) -> str:
-    """The plan's table as Markdown, for results files."""
-    head = ("| Optimizer | LoRA params MB | Opt. state MB | Gradients MB | Base weights MB | Total MB "
-            "| vs EmoCats MB | Training step MB |")
-    lines = [head, "|---|" + "---:|" * 7]
-    for row in p["optimizers"].values():
-        lines.append(f"| {row_label(row['optimizer'], row['shadow'])} | {_mb(row['lora_param_bytes'])} | "
-                     f"{_mb(row['state_bytes'])} | {_mb(row['grad_bytes'])} | {_mb(row['base_bytes'])} | "
-                     f"{_mb(row['total_bytes'])} | {_delta(row['delta_vs_emocats_bytes'])} | "
-                     f"{_mb(row['training_step_bytes'])} |")
-    return "\n".join(lines) + "\n"
-
-
 def format_measure(m: dict) -> str:
     """Planned and measured optimizer state side by side."""
     from rich.table import Table

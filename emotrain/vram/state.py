@@ -79,15 +79,10 @@ def init_optimizer_state(opt, include_shadow: bool | None = None) -> None:
         _meta_step(opt)
 
 
-def measure_state_bytes(optimizer) -> int:
-    """Bytes of every tensor the optimizer holds in ``optimizer.state``."""
-    return state_nbytes(optimizer)
-
-
 def planned_state_bytes(name: str, params, shadow: bool = False, args: dict | None = None) -> int:
     """State bytes of optimizer ``name`` for ``params`` (meta-device parameters)."""
     opt = build_optimizer(name, params, PLAN_LR, shadow=shadow, args=args)
     init_optimizer_state(opt)
-    n = measure_state_bytes(opt)
+    n = state_nbytes(opt)
     del opt
     return n

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_text
+from ..disk.atomic import write_text
 
 PROJECT = "emotrain"
 MIB = 2**20

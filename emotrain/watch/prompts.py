@@ -13,14 +13,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..samplers import NAMES as SAMPLERS
 
-# Names as sd-scripts' --sample_sampler spells them (k_ aliases included), plus
-# DPM++ 2M with Karras sigmas and UniPC. The diffusers class of each: samples.py.
-SAMPLERS = ("euler", "euler_a", "dpm++2m", "dpm++2m_karras", "ddim", "pndm", "heun", "dpm_2", "dpm_2_a",
-            "dpmsolver", "dpmsolver++", "dpmsingle", "unipc", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")
 DEFAULT_CFG = 7.0
 SIZE_STEP = 32  # the VAE's 8x times the UNet's two halvings: latents divide by 4
-OPTIONS = {"n": "negative prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "CFG scale",
+PROMPT_OPTIONS = {"n": "negative prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "CFG scale",
            "ss": "sampler"}
 
 
@@ -50,10 +47,10 @@ def parse_line(line: str, where: str, *, resolution: int, seed: int, steps: int,
     for part in parts:
         key, _, value = part.strip().partition(" ")
         value = value.strip()
-        if key not in OPTIONS:
+        if key not in PROMPT_OPTIONS:
             raise UserError(f"{where}: unknown option --{key}: use --n, --w, --h, --d, --s, --l or --ss")
         if not value:
-            raise UserError(f"{where}: --{key} ({OPTIONS[key]}) has no value")
+            raise UserError(f"{where}: --{key} ({PROMPT_OPTIONS[key]}) has no value")
         if key == "n":
             values["negative"] = value
         elif key == "ss":
@@ -67,7 +64,7 @@ def parse_line(line: str, where: str, *, resolution: int, seed: int, steps: int,
                 raise UserError(f"{where}: --l (CFG scale) must be a number, got {value!r}") from None
         else:
             if not value.isdigit():
-                raise UserError(f"{where}: --{key} ({OPTIONS[key]}) must be a whole number, got {value!r}")
+                raise UserError(f"{where}: --{key} ({PROMPT_OPTIONS[key]}) must be a whole number, got {value!r}")
             number = int(value)
             if key in "wh":
                 if number < SIZE_STEP or number % SIZE_STEP:

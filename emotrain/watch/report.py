@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..atomic import write_text
+from ..disk.atomic import write_text
 from .figures import figures
 from .page import page
 from .runs import load_run

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from ..checkpoint import rng_state, set_rng_state
+from ..disk.checkpoint import rng_state, set_rng_state
 
 
 @contextmanager

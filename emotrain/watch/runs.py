@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..layout import SAMPLE_NAME, RunFolder
+from ..disk.layout import SAMPLE_NAME, RunFolder
 from ..optimizers import DISPLAY
 from .logs import read_metrics
 

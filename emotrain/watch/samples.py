@@ -16,43 +16,19 @@ from contextlib import contextmanager
 import torch
 from PIL.PngImagePlugin import PngInfo
 
-from ..atomic import atomic_path
+from ..disk.atomic import atomic_path
+from ..samplers import sampler
 from .prompts import SamplePrompt
-
-# sampler name -> diffusers scheduler class and its settings (k_ names are aliases)
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-LABELS = {"euler": "Euler", "euler_a": "Euler a", "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras",
-          "ddim": "DDIM", "pndm": "PNDM", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "unipc": "UniPC",
-          "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM-Solver++", "dpmsingle": "DPM-Solver single-step"}
-
-
-def canonical(name: str) -> str:
-    return name[2:] if name.startswith("k_") else name
-
 
 def make_scheduler(name: str, config):
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
-    cls_name, settings = SCHEDULERS[canonical(name)]
+    chosen = sampler(name)
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the training schedule's config has keys a sampler ignores
     try:
-        return getattr(diffusers, cls_name).from_config(config, **settings)
+        return getattr(diffusers, chosen.scheduler).from_config(config, **chosen.settings)
     finally:
         diffusers_logging.set_verbosity(level)
 
@@ -101,7 +77,7 @@ def png_info(p: SamplePrompt, step: int, model: str) -> PngInfo:
     for key, value in fields.items():
         info.add_text(key, str(value))
     negative = f"\nNegative prompt: {p.negative}" if p.negative else ""
-    info.add_text("parameters", f"{p.prompt}{negative}\nSteps: {p.steps}, Sampler: {LABELS[canonical(p.sampler)]}, "
+    info.add_text("parameters", f"{p.prompt}{negative}\nSteps: {p.steps}, Sampler: {sampler(p.sampler).label}, "
                                 f"CFG scale: {p.cfg:g}, Seed: {p.seed}, Size: {p.width}x{p.height}, "
                                 f"Training step: {step}")
     info.add_text("emotrain_sample", json.dumps({**p.to_dict(), "step": step}))

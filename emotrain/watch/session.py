@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 
-from ..layout import SAMPLE_NAME, RunFolder
-from ..progress import SMOOTHING
+from ..disk.layout import SAMPLE_NAME, RunFolder
+from .progress import SMOOTHING
 from . import logs
 from .prompts import sample_prompts
 from .rng import training_rng_untouched

@@ -21,8 +21,8 @@ from ..dataset.captions import fixed_caption
 from ..dataset.images import latent_mask, load_pixels
 from ..dataset.scan import scan_data
 from ..errors import UserError
-from ..precision import weight_dtype
-from ..sdxl import encode_images, encode_prompts, noised_loss, time_ids
+from ..loss import Objective
+from ..sdxl import encode_images, encode_prompts, time_ids
 
 SEED_OFFSET = 0x5EED_7A1  # validation noise is its own stream, not the training noise's start
 
@@ -76,7 +76,7 @@ def stratified_timesteps(count: int, total: int, generator: torch.Generator) -> 
 
 
 @dataclasses.dataclass
-class Item:
+class ValidationItem:
     latents: torch.Tensor
     time_ids: torch.Tensor
     caption: str
@@ -91,7 +91,7 @@ class Validation:
 
     @torch.no_grad()
     def __init__(self, cfg, sdxl, entries: list, device, advance=None):
-        self.cfg = cfg
+        self.cfg, self.objective = cfg, Objective.of(cfg)
         generator = torch.Generator().manual_seed(cfg.seed + SEED_OFFSET)
         self.items = []
         for e in entries:
@@ -99,7 +99,7 @@ class Validation:
             pixels, mask = load_pixels(e.example.image, place, mask=subset.alpha_mask, mask_file=e.example.mask)
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             latents = encode_images(sdxl.vae, pixels[None].to(device), torch.Generator(device=device).manual_seed(seed))
-            item = Item(latents[0].cpu(), time_ids(place.original, place.crop, place.target),
+            item = ValidationItem(latents[0].cpu(), time_ids(place.original, place.crop, place.target),
                         fixed_caption(e.example.caption, subset), None if mask is None else latent_mask(mask))
             if not cfg.train_text_encoders:
                 embeds, pooled = encode_prompts(sdxl, [item.caption], device, cfg.max_token_length)
@@ -132,11 +132,11 @@ class Validation:
             for lo in range(0, len(timesteps), cfg.batch_size):
                 n = min(cfg.batch_size, len(timesteps) - lo)
                 weight = None if item.mask is None else item.mask[None].expand(n, *item.mask.shape)
-                with accelerator.autocast():
-                    per_sample = noised_loss(unet, run.sdxl.noise_scheduler, item.latents.to(device)[None].expand(
-                        n, *item.latents.shape), noise[lo:lo + n], timesteps[lo:lo + n],
-                        embeds[None].expand(n, *embeds.shape), pooled[None].expand(n, *pooled.shape),
-                        item.time_ids.to(device)[None].expand(n, -1), cfg.min_snr_gamma, weight, weight_dtype(cfg.mixed_precision))
+                with accelerator.autocast():  # the training loss at fixed noise and timesteps
+                    per_sample = self.objective.per_sample(
+                        unet, run.sdxl.noise_scheduler, item.latents.to(device)[None].expand(n, *item.latents.shape),
+                        noise[lo:lo + n], timesteps[lo:lo + n], embeds[None].expand(n, *embeds.shape),
+                        pooled[None].expand(n, *pooled.shape), item.time_ids.to(device)[None].expand(n, -1), weight)
                 total += per_sample.double().sum()
                 count += n
         return float(total / count)

@@ -1,5 +1,6 @@
-"""The house rules, read from the source: no import circles, SDXL reached only through
-its package surface, the configuration layer free of torch, short files."""
+"""The house rules, read from the source: the floors (no import runs up a floor, no
+import circles), SDXL reached only through its package surface, the configuration layer
+free of torch, a short top of ``emotrain/``, short files."""
 
 from __future__ import annotations
 
@@ -65,6 +66,56 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
+# The house, ground floor first. A room is a package under emotrain/ or a module at its
+# top; a room may import only from itself and from the floors below it.
+FLOORS = (
+    ("emotrain", "emotrain.errors", "emotrain.precision", "emotrain.quiet", "emotrain.samplers"),  # words
+    ("emotrain.sources", "emotrain.optimizers"),  # what names a model or an optimizer
+    ("emotrain.options", "emotrain.disk"),  # every option, declared once; what a run keeps on disk
+    ("emotrain.sdxl",),  # the model family
+    ("emotrain.dataset", "emotrain.lora", "emotrain.loss"),  # data, adapters and files, the objective
+    ("emotrain.vram", "emotrain.watch"),  # the memory plan; what a run shows
+    ("emotrain.config",),  # a run's settings, checked
+    ("emotrain.run",),  # one training run
+    ("emotrain.commands",),  # one module per command
+    ("emotrain.cli", "emotrain.__main__"),  # the command line
+)
+MAX_TOP_MODULES = 14
+
+
+def _room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _floor(room: str) -> int:
+    found = [i for i, rooms in enumerate(FLOORS) if room in rooms]
+    assert found, f"{room} stands on no floor: add it to FLOORS"
+    return found[0]
+
+
+def test_every_room_stands_on_a_floor_and_no_import_runs_up():
+    graph = _graph("emotrain")
+    up = sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                if _floor(_room(target)) > _floor(_room(name)))
+    assert not up, f"imports that run up a floor: {up}"
+
+
+def test_the_floor_check_sees_an_import_up():
+    assert _floor(_room("emotrain.lora.live")) > _floor(_room("emotrain.disk.atomic"))
+    assert _floor(_room("emotrain.options")) < _floor(_room("emotrain.watch.prompts"))
+
+
+def test_the_top_of_emotrain_stays_short():
+    top = sorted(p.name for p in (ROOT / "emotrain").glob("*.py"))
+    assert len(top) <= MAX_TOP_MODULES, f"{len(top)} modules at the top of emotrain/: {top}"
+
+
+def test_only_the_lora_package_knows_peft_tensor_names():
+    knows = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "emotrain").rglob("*.py")
+                   if "lora_A" in p.read_text() or "lora_B" in p.read_text())
+    assert knows and all(k.startswith("emotrain/lora/") for k in knows), knows
+
+
 def test_no_import_circles():
     assert _cycles(_graph("emotrain")) == []
     assert _cycles(_graph("optim")) == []
@@ -83,11 +134,15 @@ def test_sdxl_is_reached_through_its_package_surface():
         assert not inner, f"{name} imports {inner}: use the names emotrain.sdxl exports"
 
 
-@pytest.mark.parametrize("module", ["emotrain.cli", "emotrain.options", "emotrain.config", "emotrain.commands",
-                                    "emotrain.checkpoint", "emotrain.layout", "emotrain.optimizers",
-                                    "emotrain.precision", "emotrain.atomic", "emotrain.outputs", "emotrain.lock",
-                                    "emotrain.tidy", "emotrain.verify", "emotrain.sources", "emotrain.processes",
-                                    "emotrain.quiet"])
+@pytest.mark.parametrize("module", ["emotrain.cli", "emotrain.options", "emotrain.config", "emotrain.samplers",
+                                    "emotrain.commands", "emotrain.commands.train", "emotrain.commands.vram",
+                                    "emotrain.commands.lora", "emotrain.commands.report", "emotrain.commands.sweep",
+                                    "emotrain.disk", "emotrain.disk.checkpoint", "emotrain.disk.layout",
+                                    "emotrain.disk.atomic", "emotrain.disk.outputs", "emotrain.disk.lock",
+                                    "emotrain.disk.tidy", "emotrain.disk.verify", "emotrain.disk.cache",
+                                    "emotrain.optimizers", "emotrain.precision", "emotrain.sources", "emotrain.run",
+                                    "emotrain.run.processes", "emotrain.quiet", "emotrain.lora", "emotrain.lora.formats",
+                                    "emotrain.watch", "emotrain.watch.prompts", "emotrain.watch.checks"])
 def test_the_command_line_layer_imports_no_torch_at_load(module):
     path = _modules("emotrain")[module]
     top = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]

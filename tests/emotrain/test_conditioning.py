@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from emotrain.sdxl import denoising_loss, encode_images, encode_prompts, load_config, load_sdxl, time_ids
+from emotrain.loss import Objective
+from emotrain.sdxl import encode_images, encode_prompts, load_config, load_sdxl, time_ids
 
 
 def _layers(encoder):
@@ -71,12 +72,12 @@ def _draws(seed, shape):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("gamma", [None, 5.0])
-def test_denoising_loss_by_hand(prediction, gamma):
+def test_the_training_loss_by_hand(prediction, gamma):
     scheduler = DDPMScheduler.from_config({**load_config("sdxl_scheduler"), "prediction_type": prediction})
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     unet = ZeroUNet()
-    loss = denoising_loss(unet, scheduler, latents, torch.zeros(3, 77, 64), torch.zeros(3, 32), torch.zeros(3, 6),
-                          torch.Generator().manual_seed(9), min_snr_gamma=gamma)
+    loss = Objective(min_snr_gamma=gamma).loss(unet, scheduler, latents, torch.zeros(3, 77, 64), torch.zeros(3, 32),
+                                               torch.zeros(3, 6), torch.Generator().manual_seed(9))
     noise, t = _draws(9, latents.shape)
     assert torch.equal(unet.seen[0], t)
     # scaled-linear betas from the config, by hand
@@ -93,8 +94,8 @@ def test_denoising_loss_by_hand(prediction, gamma):
 def test_noise_offset_adds_one_value_per_channel():
     scheduler = DDPMScheduler.from_config(load_config("sdxl_scheduler"))
     latents = torch.zeros(2, 4, 8, 8)
-    loss = denoising_loss(ZeroUNet(), scheduler, latents, torch.zeros(2, 77, 64), torch.zeros(2, 32),
-                          torch.zeros(2, 6), torch.Generator().manual_seed(3), noise_offset=0.1)
+    loss = Objective(noise_offset=0.1).loss(ZeroUNet(), scheduler, latents, torch.zeros(2, 77, 64), torch.zeros(2, 32),
+                                            torch.zeros(2, 6), torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=g)
     noise += 0.1 * torch.randn((2, 4, 1, 1), generator=g)

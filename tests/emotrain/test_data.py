@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from emotrain.batches import Batches
+from emotrain.run.batches import Batches
 from data_helpers import load_image
 from emotrain.dataset.buckets import bucket_sizes, choose_bucket
 from emotrain.dataset.scan import scan_folder

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from data_helpers import write_images
-from emotrain.sdxl import denoising_loss, load_config
+from emotrain.loss import Objective
+from emotrain.sdxl import load_config
 from helpers import run_cli, run_json, train
 
 TAGS = {f"{i}.png": f"sks, tag{i}, red, round, shiny, small{i}" for i in range(6)}
@@ -75,7 +76,7 @@ def test_loss_weights_per_pixel_and_per_sample():
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, :, :4] = 1.0  # left half of each latent
     mask[1] *= 0.5  # and a prior-loss weight of 0.5 on the second sample
-    loss = denoising_loss(*args, torch.Generator().manual_seed(4), weight=mask)
+    loss = Objective().loss(*args, torch.Generator().manual_seed(4), weight=mask)
     by_hand = ((noise[0, :, :, :4] ** 2).sum() / 256 + 0.5 * (noise[1, :, :, :4] ** 2).sum() / 256) / 2
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
@@ -84,7 +85,7 @@ def test_regularization_images_get_the_prior_loss_weight(tmp_path):
     from emotrain.config import resolve_config
     from emotrain.dataset.encode import prepare_data
     from emotrain.dataset.scan import scan_data
-    from emotrain.progress import TrainProgress
+    from emotrain.watch.progress import TrainProgress
     from emotrain.sdxl import load_sdxl
 
     train_dir = write_images(tmp_path / "train", {"a.png": "a", "b.png": "b"})

@@ -12,10 +12,12 @@ from safetensors.torch import save_file
 
 from emotrain.errors import UserError
 from helpers import unet_output
-from emotrain.formats import load_lora_file, save_lora_file
-from emotrain.formats.model import load_into_model, lora_config_for, lora_weights_from_model
-from emotrain.formats.weights import LoraWeights
-from emotrain.sdxl import add_lora, load_sdxl, lora_module_names, text_encoder_lora_config, tiny_sdxl_path, unet_lora_config
+from emotrain.lora.formats import load_lora_file, save_lora_file
+from emotrain.lora.inject import lora_config_for
+from emotrain.lora.live import load_into_model, lora_weights_from_model
+from emotrain.lora.weights import LoraWeights
+from emotrain.lora.inject import add_lora, lora_module_names, text_encoder_lora_config, unet_lora_config
+from emotrain.sdxl import load_sdxl, tiny_sdxl_path
 
 
 def randomize_lora(module: torch.nn.Module, seed: int) -> None:
@@ -250,7 +252,7 @@ def test_reads_older_diffusers_layouts(weights, tmp_path):
 
 def test_one_registry_for_every_path(weights, tmp_path):
     from emotrain.cli import LoraFormat
-    from emotrain.formats import FORMATS, convert, get_format
+    from emotrain.lora.formats import FORMATS, convert, get_format
 
     assert [f.value for f in LoraFormat] == list(FORMATS) == ["kohya", "diffusers"]
     for name, fmt in FORMATS.items():

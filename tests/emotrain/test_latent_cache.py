@@ -98,7 +98,7 @@ def test_disk_cache_is_read_per_batch_not_held(tmp_path):
     from emotrain.config import resolve_config
     from emotrain.dataset.encode import prepare_data
     from emotrain.dataset.scan import scan_data
-    from emotrain.progress import TrainProgress
+    from emotrain.watch.progress import TrainProgress
     from emotrain.sdxl import load_sdxl
 
     data = write_images(tmp_path / "d", CAPTIONS)

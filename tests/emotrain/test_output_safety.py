@@ -7,7 +7,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from emotrain.atomic import atomic_path
+from emotrain.disk.atomic import atomic_path
 from emotrain.errors import UserError
 from helpers import run_cli, train
 

@@ -9,8 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from emotrain.config import resolve_config
-from emotrain.sdxl import add_lora, load_sdxl, lora_module_names, unet_lora_config
-from emotrain.train import setup_lora
+from emotrain.lora.inject import add_lora, lora_module_names, unet_lora_config
+from emotrain.sdxl import load_sdxl
+from emotrain.run.loop import setup_lora
 from helpers import run_cli, run_json, train, unet_inputs
 
 SGM_KINDS = {  # module type -> a key fragment sd-scripts' SDXL naming uses for it

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emotrain.checkpoint import find_checkpoint
+from emotrain.disk.verify import choose_checkpoint
 from helpers import run_cli, train
 
 
@@ -72,7 +72,7 @@ def test_resume_after_a_hard_stop(tmp_path, straight_40, sig):
         assert "--resume" in output and "Traceback" not in output
         assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert not (out / "pytorch_lora_weights.safetensors").exists()
-    latest = find_checkpoint(out)
+    latest = choose_checkpoint(out)[0]
     assert latest.name < "step-000040"
     run_cli("sdxl-lora", "--resume", out)
     assert_identical(straight_40, out)
@@ -87,7 +87,7 @@ def test_damaged_checkpoint_is_never_latest(tmp_path):
     (ckpts / "step-000004" / "checkpoint.json").unlink()  # ...and the marker never written
     (ckpts / ".step-000006.1.0123abcd.tmp").mkdir()  # a save killed before its rename
     (ckpts / "step-000008").mkdir()  # an empty folder with a checkpoint's name
-    assert find_checkpoint(out).name == "step-000002"
+    assert choose_checkpoint(out)[0].name == "step-000002"
 
 
 def test_resume_refuses_a_changed_run(tmp_path):
@@ -109,5 +109,5 @@ def test_keep_checkpoints(tmp_path):
 def test_checkpoint_state_loads_without_pickle(tmp_path):
     out = tmp_path / "run"
     train(out, "--steps", "2", "--optim", "emosens", "--shadow")
-    state = torch.load(find_checkpoint(out) / "training_state.pt", weights_only=True)
+    state = torch.load(choose_checkpoint(out)[0] / "training_state.pt", weights_only=True)
     assert {"optimizer", "lr_scheduler", "noise_generator", "rng"} <= set(state)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from emotrain.checkpoint import find_checkpoint
+from emotrain.disk.verify import choose_checkpoint
 from helpers import FAST, run_cli, run_json, train
 
 # Only the plugin folder goes on the path: tests/ itself holds folders named like the packages
@@ -178,7 +178,7 @@ def test_a_nan_loss_stops_at_the_last_good_state(tmp_path):
     result = train(out, "--optim", "adamw", "--lr", "10", "--max-grad-norm", "0", "--steps", "8", expect=2)
     assert "loss became nan" in result.output and "checkpoint" in result.output
     run = run_json(out)
-    latest = find_checkpoint(out)
+    latest = choose_checkpoint(out)[0]
     assert run["status"] == "stopped-nan" and len(run["losses"]) == int(latest.name.split("-")[1])
     assert all(torch.isfinite(v).all() for v in load_file(latest / "trainable.safetensors").values())
     assert not (out / "lora.safetensors").exists()

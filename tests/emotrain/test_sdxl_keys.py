@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from emotrain import sdxl
 from emotrain.errors import UserError
-from emotrain.formats import load_lora_file
+from emotrain.lora.formats import load_lora_file
 from emotrain.sdxl.lora import TEXT_TARGETS, UNET_TARGETS
 from emotrain.sdxl.tiny import TINY_UNET
 from helpers import run_cli, train

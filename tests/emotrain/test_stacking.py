@@ -10,11 +10,13 @@ import torch
 
 from emotrain.errors import UserError
 from helpers import unet_output
-from emotrain.formats import convert, load_lora_file, save_lora_file
-from emotrain.formats.model import load_into_model, lora_config_for, lora_weights_from_model
-from emotrain.formats.weights import LoraWeights
-from emotrain.sdxl import add_lora, load_sdxl, text_encoder_lora_config, tiny_sdxl_path, unet_lora_config
-from emotrain.stacking import apply_base_loras, combine, merge_into_base, parse_lora_spec, save_merged_pipeline
+from emotrain.lora.formats import convert, load_lora_file, save_lora_file
+from emotrain.lora.inject import lora_config_for
+from emotrain.lora.live import load_into_model, lora_weights_from_model
+from emotrain.lora.weights import LoraWeights
+from emotrain.lora.inject import add_lora, text_encoder_lora_config, unet_lora_config
+from emotrain.sdxl import load_sdxl, tiny_sdxl_path
+from emotrain.lora.stacking import apply_base_loras, combine, merge_into_base, parse_lora_spec, save_merged_pipeline
 
 WA, WB = 0.7, -0.4
 

@@ -11,7 +11,7 @@ import time
 from rich.console import Console
 
 from emotrain.options import OPTIONS
-from emotrain.progress import TrainProgress
+from emotrain.watch.progress import TrainProgress
 from helpers import FAST
 
 NOISE = re.compile(r"warn|deprecat|failed to load|gemm_4bit|traceback", re.IGNORECASE)

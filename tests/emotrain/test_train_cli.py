@@ -158,7 +158,7 @@ def test_a_new_run_never_overwrites_another(tmp_path):
 def test_aspect_ratio_buckets(tmp_path):
     from PIL import Image
 
-    from emotrain.batches import Batches
+    from emotrain.run.batches import Batches
     from data_helpers import load_image
     from emotrain.dataset.buckets import bucket_sizes
     for i, size in enumerate([(128, 64), (130, 60), (64, 128), (64, 64), (64, 64), (200, 100)]):

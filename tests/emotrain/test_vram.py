@@ -11,12 +11,14 @@ import torch
 
 from emotrain import vram
 from emotrain.config import TrainConfig
-from emotrain.optimizers import EMO, build_optimizer, takes_loss
-from emotrain.sdxl import add_lora, load_config, unet_lora_config
+from emotrain.optimizers import EMO, NAMES, build_optimizer, takes_loss
+from optim import state_nbytes
+from emotrain.lora.inject import add_lora, unet_lora_config
+from emotrain.sdxl import load_config
 from emotrain.sdxl.tiny import TINY_UNET
 
 RANK = 8  # at rank 8 some tiny LoRA tensors pass bitsandbytes' 4096-element 8-bit threshold
-ROWS = [(name, s) for name in vram.ALL_OPTIMIZERS for s in ((False, True) if name in EMO else (False,))]
+ROWS = [(name, s) for name in NAMES for s in ((False, True) if name in EMO else (False,))]
 # Loss seen by the Emo optimizers: the jump on step 2 drives |s| far past 0.1, the
 # shadow buffer's allocation threshold, so shadow-on state reaches its full size.
 LOSSES = (1.0, 11.0)
@@ -50,7 +52,7 @@ def test_planned_state_equals_state_after_real_steps(tiny_plan, tiny_lora_params
         assert all("shadow" in st for st in opt.state.values()), "loss jump did not allocate the shadow"
     assert len(opt.state) == len(params)
     planned = tiny_plan["optimizers"][vram.row_key(name, shadow)]["state_bytes"]
-    assert vram.measure_state_bytes(opt) == planned
+    assert state_nbytes(opt) == planned
     for p in params:
         p.grad = None
 
@@ -208,7 +210,7 @@ def test_table_and_option_parsing(tiny_plan):
     for label in ("EmoSens + shadow", "EmoAiry", "AdamW8bit", "Adafactor", "Lion", "MB = 10^6 bytes"):
         assert label in text
     assert vram.parse_optims("emosens, adamw,emosens") == ["emosens", "adamw"]
-    assert vram.parse_optims("all") == list(vram.ALL_OPTIMIZERS)
+    assert vram.parse_optims("all") == list(NAMES)
     assert vram.shadow_settings("both") == (False, True)
     with pytest.raises(Exception):
         vram.shadow_settings("sometimes")

@@ -18,8 +18,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "optim"
 FORBIDDEN = {"emotrain", "diffusers", "peft", "transformers", "accelerate"}
 ALLOWED = {"torch", "__future__"} | set(sys.stdlib_module_names)
-KNOWN_MODULES = {"__init__", "_base", "_emotion", "_native", "emosens", "emoairy", "emocats",
-                 "memory"}
+KNOWN_MODULES = {"__init__", "_adamstyle", "_base", "_emotion", "_native", "emosens", "emoairy",
+                 "emocats", "memory"}
 
 
 def imported_modules(source: str) -> set[str]:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .. import sdxl
-from ..errors import UserError
+from ... import sdxl
+from ...errors import UserError
 from . import common, header_passthrough
-from .model import peft_config_kwargs
-from .weights import LoraModule, LoraWeights
+from ..inject import peft_config_kwargs
+from ..kinds import LORA
+from ..weights import LoraModule, LoraWeights
 
 METADATA_KEY = "lora_adapter_metadata"  # the header key diffusers reads LoraConfig arguments from
 LAYOUT_KEYS = (METADATA_KEY,)
@@ -115,8 +116,9 @@ def write(path, weights: LoraWeights, metadata: dict | None = None, unet_config=
     for component in weights.components:
         modules = weights.component(component)
         for name, m in modules.items():
-            tensors[f"{component}.{name}.lora_A.weight"], tensors[f"{component}.{name}.lora_B.weight"] = \
-                common.cast(m, dtype)
+            down, up = common.cast(m, dtype)
+            for suffix, role in LORA.diffusers_parts.items():
+                tensors[f"{component}.{name}.{suffix}"] = down if role == "down" else up
         for k, v in peft_config_kwargs(modules, component).items():
             adapter_meta[f"{component}.{k}"] = v
     header = {**common.stringify(header_passthrough(weights.metadata)), **common.stringify(metadata), "format": "pt",

@@ -1,4 +1,12 @@
-"""What a run writes about itself: run.json, memory, versions; atomic file writes."""
+"""run.json from a run's first step to its last word.
+
+It holds the whole loss and emotion history: a checkpoint carries the history up to its
+step, so a resumed run's run.json continues it rather than starting over. The status is
+written on every way out: ``finished``, ``interrupted`` (Ctrl-C, SIGTERM), ``stopped-nan``
+(the loss or the training state became non-finite) or ``error`` (with the message).
+Only the main process writes. Also here: the package versions, the measured memory, and
+the training notes a LoRA file's header carries (``training_metadata``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,10 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-import torch
+from ..disk.atomic import write_text
+from ..disk.layout import RunFolder
 
-from .atomic import write_text
+
 
 PACKAGES = ("emotrain", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "bitsandbytes")
 
@@ -29,6 +38,7 @@ def versions() -> dict:
 
 
 def tensor_bytes(tensors) -> int:
+    import torch
     seen, total = set(), 0
     for t in tensors:
         if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
@@ -37,14 +47,16 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-def memory_report(device: torch.device, optimizer, lora_params, frozen_modules) -> dict:
+def memory_report(device, optimizer, lora_params, frozen_modules) -> dict:
     """Measured memory: on CUDA the allocator's peaks, split where we can count; on CPU
     the optimizer's allocated state and the process's peak resident set."""
-    from .vram import cuda_memory_report, measure_state_bytes, process_peak_rss_bytes
+    from optim import state_nbytes
+
+    from ..vram import cuda_memory_report, process_peak_rss_bytes
 
     report = {
         "device": str(device),
-        "optimizer_state_bytes": measure_state_bytes(optimizer),
+        "optimizer_state_bytes": state_nbytes(optimizer),
         "lora_param_bytes": tensor_bytes(lora_params),
         "frozen_weight_bytes": tensor_bytes(p for m in frozen_modules for p in m.parameters() if not p.requires_grad),
         "process_peak_rss_bytes": process_peak_rss_bytes(),
@@ -87,3 +99,42 @@ def training_metadata(cfg, steps: int, model_source: str, started_at: float) -> 
         "emotrain_version": versions().get("emotrain") or "",
         "emotrain_config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
+
+
+
+
+class RunRecord:
+    def __init__(self, folder: RunFolder, info: dict, enabled: bool, history: dict | None = None,
+                 step: int = 0):
+        self.folder, self.info, self.enabled = folder, info, enabled
+        history = history or {}
+        known = step - len(history.get("losses", [])[:step])  # a checkpoint from before histories: unknown
+        self.losses = [None] * known + list(history.get("losses", []))[:step]
+        self.emotion = [None] * known + list(history.get("emotion_scalar", []))[:step]
+        self.outcome: dict = {}
+
+    def add(self, loss: float, emotion: float | None) -> None:
+        self.losses.append(loss)
+        self.emotion.append(emotion)
+
+    def history(self) -> dict:
+        """What a checkpoint carries, so that a resume continues it."""
+        return {"losses": list(self.losses), "emotion_scalar": list(self.emotion)}
+
+    def write(self, status: str, **fields) -> None:
+        if self.enabled:
+            write_json(self.folder.run_json, {**self.info, **fields, "status": status, "losses": self.losses,
+                                              "emotion_scalar": self.emotion})
+
+    def __enter__(self) -> "RunRecord":
+        self.write("running")
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            status = "interrupted"
+        else:
+            status = getattr(exc, "status", "error")
+        self.write(status, message=str(exc) or type(exc).__name__, steps=len(self.losses), **self.outcome)

@@ -22,7 +22,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 LEFTOVER = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.(tmp|trash)$")
 

@@ -12,11 +12,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import write_text
-from ..checkpoint import list_checkpoints
+from ..disk.atomic import write_text
+from ..disk.checkpoint import list_checkpoints
 from ..config import TrainConfig, given_values, resolve_config
-from ..errors import UserError
-from ..layout import RunFolder, sweep_run_name
+from ..errors import TrainingStopped, UserError
+from ..disk.layout import RunFolder, sweep_run_name
 from ..optimizers import EMO
 from ..options import BY_NAME, RESUMABLE
 
@@ -54,7 +54,7 @@ def parse_lrs(text: str | None) -> list[float] | None:
     return list(dict.fromkeys(out))
 
 
-def plan(preset: str | None, overrides: dict, optims: str | None, shadow: str | None,
+def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: str | None,
          lrs: str | None) -> tuple[Path, list[SweepRun], list[str]]:
     """The runs of a sweep, each config resolved and checked (nothing is loaded)."""
     names = list(dict.fromkeys(_items(optims)))
@@ -120,10 +120,10 @@ def state_of(run: SweepRun) -> str:
 
 
 def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
-    from ..commands import run_training
-    from .report import write_report
+    from .train import run_training
+    from ..watch.report import write_report
 
-    output, runs, notes = plan(preset, overrides, optims, shadow, lrs)
+    output, runs, notes = plan_sweep(preset, overrides, optims, shadow, lrs)
     check_or_record(output, runs)
     for note in notes:
         echo(note)
@@ -134,7 +134,6 @@ def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
         if state == "kept":
             continue
         _release_memory()
-        from ..train import TrainingStopped
         try:  # as `sdxl-lora` would: the output folder's lock, leftovers tidied, --resume
             if state == "resume":
                 run_training(None, {k: getattr(run.cfg, k) for k in RESUMABLE}, resume=str(run.folder.root))
@@ -153,7 +152,7 @@ def summary_text(folders: list) -> str:
     from rich.table import Table
     import io
 
-    from .runs import load_run
+    from ..watch.runs import load_run
 
     table = Table(title="sweep: held-out validation loss (fixed noise and timesteps)")
     for col in ("run", "final val loss", "best val loss (step)", "train time", "optimizer state MB"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def cache_root() -> Path:

@@ -14,38 +14,28 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from safetensors import SafetensorError
 
-from . import checkpoint, distributed, processes, runinfo
+from ..disk import checkpoint
+from . import processes
 from .batches import Batches
-from .config import TrainConfig
-from .dataset.encode import prepare_data
-from .dataset.loader import TrainingData
-from .dataset.scan import scan_data
-from .errors import UserError
-from .layout import RunFolder
-from .formats import FORMATS, load_lora_file
-from .formats.model import load_into_model, lora_config_for, lora_weights_from_model
-from .optimizers import build_optimizer, check_optimizer, parse_optim_args, takes_loss
-from .precision import weight_dtype
-from .progress import TrainProgress
+from ..config import TrainConfig
+from ..dataset.encode import prepare_data
+from ..dataset.loader import TrainingData
+from ..dataset.scan import scan_data
+from ..errors import Interrupted, NonFiniteLoss, NonFiniteState, TrainingStopped, UserError
+from ..disk.layout import RunFolder
+from ..lora.formats import FORMATS, load_lora_file
+from ..lora.inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
+from ..lora.live import load_into_model, lora_weights_from_model
+from ..loss import Objective
+from ..optimizers import build_optimizer, check_optimizer, parse_optim_args, takes_loss
+from ..precision import weight_dtype
+from ..watch.progress import TrainProgress
+from . import record as records
 from .record import RunRecord
-from .sdxl import (add_lora, denoising_loss, encode_prompts, load_sdxl, lora_config_for_run, meta_sdxl,
-                   resolve_model, unet_config)
-from .signals import Interrupted, StopRequests
-from .watch.logs import accelerator_settings
-from .watch.session import Watch
-
-
-class TrainingStopped(UserError):
-    """The run stopped early (interrupt, NaN loss); ``status`` goes into run.json."""
-
-    def __init__(self, message: str, status: str):
-        super().__init__(message)
-        self.status = status
-        self.exit_code = 130 if status == "interrupted" else 2
-
-
-class NonFiniteLoss(Exception):
-    pass
+from ..sdxl import encode_prompts, load_sdxl, resolve_model, unet_config
+from .signals import StopRequests
+from ..watch.logs import accelerator_settings
+from ..watch.session import Watch
 
 
 @dataclass
@@ -62,8 +52,9 @@ class Run:
     batches: Batches
     noise: torch.Generator
     stops: StopRequests
-    trace: distributed.Trace
+    trace: processes.Trace
     watch: Watch  # validation, samples, logs
+    objective: Objective  # the loss (loss.py), shared with validation
     step: int = 0
     info: dict = field(default_factory=dict)
     history: dict | None = None  # the losses up to the checkpoint resumed from
@@ -73,7 +64,7 @@ def read_loras(cfg: TrainConfig) -> tuple:
     """--network-weights and --base-lora read against the model's module names from its
     config alone, and the start LoRA fitted into the model built on the meta device, so a
     LoRA for another model (or of other shapes) is refused before the weights load."""
-    from .stacking import load_weighted
+    from ..lora.stacking import load_weighted
     config = unet_config(cfg.model)
     start = load_lora_file(cfg.network_weights, config) if cfg.network_weights else None
     if start is not None:
@@ -88,7 +79,7 @@ def setup_lora(sdxl, cfg: TrainConfig, loras: tuple | None = None) -> dict[str, 
     --network-weights) and return the trainable parameters by name."""
     start, bases = loras or read_loras(cfg)
     if bases:
-        from .stacking import apply_base_loras
+        from ..lora.stacking import apply_base_loras
         apply_base_loras(sdxl.unet, sdxl.text_encoders, bases)
     components = {"unet": sdxl.unet}
     if cfg.train_text_encoders:
@@ -113,7 +104,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     # accelerate keeps its settings per process; a second run in one process (the Python
     # API, tests) may use another precision. The distributed part (PartialState) stays.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed.cpu_only_processes(),
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=processes.cpu_only_processes(),
                               **accelerator_settings(cfg, RunFolder(cfg.output)))
     watch = Watch(cfg, accelerator)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -150,14 +141,14 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         models += [sdxl.text_encoder, sdxl.text_encoder_2]
     run = Run(cfg, accelerator, sdxl, models, named_params, data, optimizer, lr_scheduler,
               Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
-              torch.Generator().manual_seed(distributed.noise_seed(cfg.seed, rank)), stops,
-              distributed.Trace(cfg.output, rank), watch)
+              torch.Generator().manual_seed(processes.noise_seed(cfg.seed, rank)), stops,
+              processes.Trace(cfg.output, rank), watch, Objective.of(cfg))
     folder = RunFolder(cfg.output)
-    run.info = {"model_source": sdxl.source, "versions": runinfo.versions(), "examples": len(data.entries),
+    run.info = {"model_source": sdxl.source, "versions": records.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
                 "resumed_from": folder.relative(resume) if resume else None}
-    progress.console.print(distributed.effective_batch_line(
+    progress.console.print(processes.effective_batch_line(
         cfg.batch_size, cfg.grad_accum, world))
     if resume is not None:
         meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=optimizer.optimizer,
@@ -180,9 +171,8 @@ def micro_batch_loss(run: Run) -> torch.Tensor:
     embeds, pooled = batch.prompt_embeds, batch.pooled
     if embeds is None:  # captions change per draw, or the text encoders train
         embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
-    loss = denoising_loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
-                          run.noise, run.cfg.noise_offset, run.cfg.min_snr_gamma, weight=batch.weight,
-                          dtype=weight_dtype(run.cfg.mixed_precision))  # unet.dtype walks every module
+    loss = run.objective.loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
+                              run.noise, weight=batch.weight)
     run.trace.write(step=run.step + 1, examples=indices, loss=loss.item(),
                     images=[run.data.entries[i].example.image.name for i in indices])
     return loss
@@ -204,7 +194,7 @@ def optimizer_step(run: Run) -> float:
             loss = micro_batch_loss(run)
             accelerator.backward(loss / cfg.grad_accum)
         losses.append(loss.detach())
-    step_loss, stop = distributed.agree(accelerator, torch.stack(losses).mean(), run.stops.requested is not None)
+    step_loss, stop = processes.agree(accelerator, torch.stack(losses).mean(), run.stops.requested is not None)
     if stop:
         raise Interrupted(run.stops.requested or "a signal to another process")
     if not math.isfinite(step_loss):
@@ -224,12 +214,12 @@ def save(run: Run, history: dict, data_state: dict | None = None, noise_state: t
     Every process holds the same LoRA and optimizer state (its own noise stream); the main
     one writes them all. A state holding nan/inf is refused on every process alike."""
     folder = RunFolder(run.cfg.output)
-    noise_states = distributed.gather(run.accelerator, run.noise.get_state() if noise_state is None else noise_state)
+    noise_states = processes.gather(run.accelerator, run.noise.get_state() if noise_state is None else noise_state)
     optimizer = run.optimizer.optimizer
     bad = checkpoint.non_finite(run.named_params, optimizer.state_dict())
     if bad:
         found = checkpoint.list_checkpoints(folder.checkpoints)
-        raise checkpoint.NonFiniteState(f"the training state holds nan or inf ({bad}) at step {run.step}: not saved; "
+        raise NonFiniteState(f"the training state holds nan or inf ({bad}) at step {run.step}: not saved; "
                                         + (f"the last good checkpoint is {found[-1]}" if found else
                                            "there is no earlier checkpoint") + "; start again with a lower --lr")
     run.accelerator.wait_for_everyone()
@@ -254,7 +244,7 @@ def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> Tra
     output = run.cfg.output
     try:
         where = f"checkpoint {save(run, record.history(), *start)}"
-    except checkpoint.NonFiniteState as exc:
+    except NonFiniteState as exc:
         where = str(exc)
     record.outcome = {"checkpoint": where}
     if isinstance(reason, Interrupted):
@@ -270,7 +260,7 @@ def save_lora(run: Run, output: Path) -> dict:
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = runinfo.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
+    metadata = records.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}
@@ -312,7 +302,7 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                        "final_loss": record.losses[-1] if record.losses else None,
                        "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
                        "checkpoint": folder.relative(final), "files": save_lora(run, folder.root) if main else {},
-                       "memory": runinfo.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
+                       "memory": records.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
                                                       [run.sdxl.unet])}
             record.write("finished", **summary)
     summary = {**run.info, **summary, "status": "finished", "losses": record.losses,

@@ -13,10 +13,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, STEP_NAME, RunFolder
 
-FORMATS = (1, 2)  # 1: before sizes and checksums were recorded (checked for presence only)
+CHECKPOINT_VERSIONS = (1, 2)  # 1: before sizes and checksums were recorded (checked for presence only)
 CHUNK = 1 << 22
 
 
@@ -33,8 +33,8 @@ def self_checksum(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def read_json(path: Path) -> dict:
-    """checkpoint.json, or a UserError saying what is wrong with it."""
+def read_meta(path: Path) -> dict:
+    """The checkpoint folder ``path``'s checkpoint.json, or a UserError saying what is wrong with it."""
     file = path / CHECKPOINT_JSON
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
@@ -42,7 +42,7 @@ def read_json(path: Path) -> dict:
         raise UserError("it has no checkpoint.json (a save or delete that did not finish)") from None
     except (ValueError, OSError) as exc:
         raise UserError(f"its checkpoint.json is unreadable ({type(exc).__name__}: {str(exc)[:80]})") from None
-    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
+    if not isinstance(meta, dict) or meta.get("format") not in CHECKPOINT_VERSIONS:
         raise UserError(f"its checkpoint.json has an unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if "sha256" in meta and meta["sha256"] != self_checksum(meta):
         raise UserError("its checkpoint.json was changed after it was written (its checksum differs); "
@@ -56,7 +56,7 @@ def read_json(path: Path) -> dict:
 def problem(path: Path) -> str | None:
     """Why the checkpoint folder ``path`` cannot be used, or None when it is good."""
     try:
-        meta = read_json(path)
+        meta = read_meta(path)
     except UserError as exc:
         return str(exc)
     records = meta.get("files") or {}

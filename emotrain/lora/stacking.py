@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import sdxl
-from .atomic import atomic_path
-from .errors import UserError
-from .options import parse_lora_spec
+from .. import sdxl
+from ..disk.atomic import atomic_path
+from ..errors import UserError
+from ..options import parse_lora_spec
 from .formats import load_lora_file
-from .formats.weights import LoraModule, LoraWeights
+from .weights import LoraModule, LoraWeights
 
 WeightedLoras = list[tuple[LoraWeights, float]]
 

@@ -18,14 +18,14 @@ import random
 from pathlib import Path
 
 from .atomic import atomic_path, remove_tree
-from .errors import UserError
+from ..errors import NonFiniteState, UserError
 from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, TRAINABLE, TRAINING_STATE, step_name
-from .verify import choose_checkpoint, file_record, read_json, self_checksum, step_folders
+from .verify import CHECKPOINT_VERSIONS, file_record, read_meta, self_checksum, step_folders
 
 # torch and numpy are imported where tensors are handled: finding and checking a
 # checkpoint (--resume's first step) is plain file work and must answer fast.
 
-FORMAT = 2  # 2: file sizes and sha256 recorded (verify.py)
+VERSION = CHECKPOINT_VERSIONS[-1]  # 2: file sizes and sha256 recorded (verify.py)
 
 
 def rng_state() -> dict:
@@ -66,11 +66,6 @@ def non_finite(named_params: dict, optimizer_state: dict) -> str | None:
     return None
 
 
-class NonFiniteState(UserError):
-    """The training state holds nan/inf: it is never written as a checkpoint."""
-    status = "stopped-nan"  # what run.json says
-
-
 def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
                     data_state: dict, noise_state, config: dict, info: dict,
                     keep: int | None = None) -> Path:
@@ -95,7 +90,7 @@ def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, l
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "noise_generator": noise_states[0], "noise_generators": noise_states,
                     "rng": rng_state()}, tmp / TRAINING_STATE)
-        meta = {"format": FORMAT, "step": step, "data": data_state, "config": config, **info,
+        meta = {"format": VERSION, "step": step, "data": data_state, "config": config, **info,
                 "files": {name: file_record(tmp / name) for name in (TRAINABLE, TRAINING_STATE)}}
         meta["sha256"] = self_checksum(meta)
         (tmp / CHECKPOINT_JSON).write_text(json.dumps(meta, indent=2))
@@ -111,21 +106,12 @@ def list_checkpoints(folder: Path) -> list[Path]:
     out = []
     for path in step_folders(folder):
         try:
-            read_json(path)
+            read_meta(path)
         except UserError:
             continue
         if all((path / f).is_file() for f in CHECKPOINT_FILES):
             out.append(path)
     return out
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """``--resume`` takes a run's output folder (its newest good checkpoint) or a checkpoint folder."""
-    return choose_checkpoint(path)[0]
-
-
-def read_meta(path: Path) -> dict:
-    return read_json(path)
 
 
 def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_scheduler, scaler,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .atomic import check_target, check_writable
-from .errors import UserError
+from ..errors import UserError
 
 
 def lora_output(path: str, file_name: str, overwrite: bool) -> Path:

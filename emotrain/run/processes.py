@@ -1,5 +1,9 @@
-"""Data parallel training under ``accelerate launch`` (or torchrun): what each process
-does differently. Without GPUs, ``accelerate launch --multi_gpu --num_processes N`` runs N
+"""Which process this is, and what processes do differently, under ``accelerate launch``
+(or torchrun). Which process (``rank``, ``is_main``...) is read from torchrun's
+environment without importing torch: the command line uses it to let one process take
+the output folder's lock, clean it and speak for all. The rest imports torch when called.
+
+Without GPUs, ``accelerate launch --multi_gpu --num_processes N`` runs N
 CPU processes over gloo (accelerate's ``--cpu`` flag starts one process unless mpirun is
 set up).
 
@@ -12,7 +16,7 @@ set up).
   process (what the Emo family receives and run.json records); the same all-reduce
   carries whether any process was asked to stop.
 - Encoding: with the disk cache (the default) the main process encodes and the others
-  load its files (train.py: ``main_process_first``), so an image goes through the VAE
+  load its files (loop.py: ``main_process_first``), so an image goes through the VAE
   (and text encoders) once, not once per GPU; with --no-disk-cache each process encodes.
 - ``EMOTRAIN_TRACE=1``: each process writes ``trace-rank-N.jsonl`` into the output folder
   (per micro-batch the images it trained on and its own loss, at the end a checksum of its
@@ -24,19 +28,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import torch
-from accelerate.utils import gather_object
 
-from . import processes
-from .layout import RunFolder
+from ..disk.layout import RunFolder
 
 NOISE_SEED_STRIDE = 1_000_003
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_local_main() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
 
 
 def cpu_only_processes() -> bool:
     """Several processes and no GPU (CI, ``accelerate launch --multi_gpu`` on a CPU machine):
     accelerate needs to be told, or every process trains alone. gloo carries the traffic."""
-    return processes.world_size() > 1 and not torch.cuda.is_available()
+    import torch
+    return world_size() > 1 and not torch.cuda.is_available()
 
 
 def noise_seed(seed: int, rank: int) -> int:
@@ -44,10 +62,11 @@ def noise_seed(seed: int, rank: int) -> int:
     return seed + NOISE_SEED_STRIDE * rank
 
 
-def agree(accelerator, loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool]:
+def agree(accelerator, loss, stop_requested: bool) -> tuple[float, bool]:
     """-> (mean loss over processes, whether any process asked to stop)."""
     if accelerator.num_processes == 1:
         return loss.item(), stop_requested
+    import torch
     both = torch.stack([loss.detach().double().reshape(()),
                         torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)])
     total = accelerator.reduce(both, reduction="sum")
@@ -58,6 +77,7 @@ def gather(accelerator, value) -> list:
     """Every process's ``value``, in rank order (a collective: all processes call it)."""
     if accelerator.num_processes == 1:
         return [value]
+    from accelerate.utils import gather_object
     return gather_object([value])
 
 

@@ -18,10 +18,6 @@ import threading
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-    """A stop the user asked for (the signal's name in ``args[0]``)."""
-
-
 class StopRequests:
     def __init__(self):
         self.requested: str | None = None

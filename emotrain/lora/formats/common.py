@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
-from ..errors import UserError
+from ...disk.atomic import atomic_path
+from ...errors import UserError
 
 
 def read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

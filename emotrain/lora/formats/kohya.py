@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .. import sdxl
-from ..errors import UserError
+from ... import sdxl
+from ...errors import UserError
 from . import common, header_passthrough
-from .weights import LoraModule, LoraWeights
+from ..kinds import LORA
+from ..weights import LoraModule, LoraWeights
 
-PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+PARTS = LORA.kohya_parts  # file key suffix -> down, up or alpha
+ROLE = {role: suffix for suffix, role in PARTS.items()}
 LAYOUT_KEYS = ()  # its ss_* entries describe the training, and are recomputed on write
 
 
@@ -36,15 +38,15 @@ def read(tensors: dict[str, torch.Tensor], header: dict[str, str], p: Path, unet
         groups.setdefault(base, {})[kind] = value
     modules = {}
     for base, parts in groups.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise common.incomplete(p, base, "lora_down or lora_up")
+        if ROLE["down"] not in parts or ROLE["up"] not in parts:
+            raise common.incomplete(p, base, f"{ROLE['down']} or {ROLE['up']}")
         try:
             name = sdxl.module_from_kohya(base, unet_config)
         except UserError as exc:
             raise UserError(f"LoRA file {p}: {exc}") from None
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        down, up = parts[ROLE["down"]], parts[ROLE["up"]]
         common.check_pair(p, base, down, up)
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        alpha = float(parts[ROLE["alpha"]].item()) if ROLE["alpha"] in parts else float(down.shape[0])
         modules[name] = LoraModule(down, up, alpha)
     return LoraWeights(modules, source_format="kohya")
 
@@ -68,7 +70,7 @@ def kohya_metadata(weights: LoraWeights) -> dict[str, str]:
         args["conv_dim"] = str(common.mode([m.rank for m in conv]))
         args["conv_alpha"] = _fmt(common.mode([m.alpha for m in conv]))
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": LORA.network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": _fmt(alpha),
         "ss_network_args": json.dumps(args),
@@ -86,8 +88,8 @@ def write(path, weights: LoraWeights, metadata: dict | None = None, unet_config=
     tensors = {}
     for full, m in weights.modules.items():
         base = sdxl.kohya_name(full, unet_config)
-        tensors[f"{base}.lora_down.weight"], tensors[f"{base}.lora_up.weight"] = common.cast(m, dtype)
-        tensors[f"{base}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        tensors[f"{base}.{ROLE['down']}"], tensors[f"{base}.{ROLE['up']}"] = common.cast(m, dtype)
+        tensors[f"{base}.{ROLE['alpha']}"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     header = {**common.stringify(header_passthrough(weights.metadata)), **kohya_metadata(weights),
               **common.stringify(metadata)}
     return common.atomic_save(tensors, header, Path(path))

@@ -14,7 +14,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ...errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,44 @@
+"""The samplers of sample images, in one table: the names users give (``--sample-sampler``
+and a prompt line's ``--ss``, as sd-scripts spells them), the diffusers scheduler class
+and settings each one means, and the label A1111 writes into an image's parameters.
+``k_`` names are sd-scripts' aliases of the same samplers. Pure Python: the command line
+checks names before torch is imported; watch/samples.py builds the schedulers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    scheduler: str  # the diffusers class
+    label: str  # A1111's name, written into the PNG's parameters
+    settings: dict = field(default_factory=dict)  # from_config keyword arguments
+
+
+_TABLE = (
+    Sampler("euler", "EulerDiscreteScheduler", "Euler"),
+    Sampler("euler_a", "EulerAncestralDiscreteScheduler", "Euler a"),
+    Sampler("dpm++2m", "DPMSolverMultistepScheduler", "DPM++ 2M", {"algorithm_type": "dpmsolver++"}),
+    Sampler("dpm++2m_karras", "DPMSolverMultistepScheduler", "DPM++ 2M Karras",
+            {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    Sampler("ddim", "DDIMScheduler", "DDIM"),
+    Sampler("pndm", "PNDMScheduler", "PNDM", {"skip_prk_steps": True}),
+    Sampler("heun", "HeunDiscreteScheduler", "Heun"),
+    Sampler("dpm_2", "KDPM2DiscreteScheduler", "DPM2"),
+    Sampler("dpm_2_a", "KDPM2AncestralDiscreteScheduler", "DPM2 a"),
+    Sampler("dpmsolver", "DPMSolverMultistepScheduler", "DPM-Solver", {"algorithm_type": "dpmsolver"}),
+    Sampler("dpmsolver++", "DPMSolverMultistepScheduler", "DPM-Solver++", {"algorithm_type": "dpmsolver++"}),
+    Sampler("dpmsingle", "DPMSolverSinglestepScheduler", "DPM-Solver single-step"),
+    Sampler("unipc", "UniPCMultistepScheduler", "UniPC"),
+)
+ALIASES = {"k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a"}
+SAMPLERS = {s.name: s for s in _TABLE}
+NAMES = tuple(SAMPLERS) + tuple(ALIASES)  # every name a user may give
+
+
+def sampler(name: str) -> Sampler:
+    """The sampler a name (or an alias) means."""
+    return SAMPLERS[ALIASES.get(name, name)]
