@@ -1,4 +1,4 @@
-"""What a run's output folder holds, named once (checkpoint.py, train.py and the
+"""What a run's output folder holds, named once (checkpoint.py, run/loop.py and the
 commands all ask here; nothing else spells these paths)."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class RunFolder:
         return self.checkpoints / step_name(step)
 
     def trace(self, rank: int) -> Path:
-        """EMOTRAIN_TRACE=1: what process ``rank`` trained on (distributed.py)."""
+        """EMOTRAIN_TRACE=1: what process ``rank`` trained on (run/processes.py)."""
         return self.root / f"trace-rank-{rank}.jsonl"
 
     def relative(self, path) -> str:

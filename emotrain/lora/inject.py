@@ -67,7 +67,7 @@ def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER) -> list:
 
 def lora_module_names(module: torch.nn.Module) -> list[str]:
     """Names of the modules that carry an adapter (their base-layer names)."""
-    return sorted(name for name, layer in module.named_modules() if LORA.is_layer(layer))
+    return sorted(name for name, layer in module.named_modules() if LORA.is_layer(layer, adapter=None))
 
 
 def meta_lora_unet(model: str = "sdxl", rank: int = 8, alpha: float = 8, conv_rank: int | None = None,

@@ -71,11 +71,12 @@ class LoraKind:
 
     # -- the live model ----------------------------------------------------------------
 
-    def is_layer(self, module, adapter: str = ADAPTER) -> bool:
-        """Whether ``module`` is a peft layer carrying this kind's ``adapter``."""
+    def is_layer(self, module, adapter: str | None = ADAPTER) -> bool:
+        """Whether ``module`` is a peft layer carrying this kind's ``adapter`` (None: any;
+        diffusers' ``load_lora_weights`` names its adapters ``default_0``, ...)."""
         import torch
         down = getattr(module, self.live_down, None)
-        return isinstance(down, torch.nn.ModuleDict) and adapter in down
+        return isinstance(down, torch.nn.ModuleDict) and (adapter in down if adapter else len(down) > 0)
 
     def is_adapter_tensor(self, name: str) -> bool:
         """Whether a parameter or buffer name belongs to an adapter (not the frozen base)."""

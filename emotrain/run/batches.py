@@ -16,7 +16,7 @@ class Batches:
                  rank: int = 0, world: int = 1):
         self.sizes, self.batch_size, self.seed = sizes, batch_size, seed
         self.epoch, self.position = epoch, position
-        self.rank, self.world = rank, world  # processes take turns along the one order (distributed.py)
+        self.rank, self.world = rank, world  # processes take turns along the one order (processes.py)
         self._batches = self._epoch(epoch)
 
     def _epoch(self, epoch: int) -> list[list[int]]:

@@ -116,6 +116,14 @@ def test_only_the_lora_package_knows_peft_tensor_names():
     assert knows and all(k.startswith("emotrain/lora/") for k in knows), knows
 
 
+def test_the_loss_is_computed_in_one_place():
+    """Training, validation and vram --measure share emotrain/loss.py: nothing else
+    computes an error against a target or a min-SNR weight."""
+    computes = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "emotrain").rglob("*.py")
+                      if any(word in p.read_text() for word in ("mse_loss", "get_velocity", "compute_snr")))
+    assert computes == ["emotrain/loss.py"], computes
+
+
 def test_no_import_circles():
     assert _cycles(_graph("emotrain")) == []
     assert _cycles(_graph("optim")) == []

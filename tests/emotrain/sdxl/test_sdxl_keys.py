@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 from emotrain import sdxl
 from emotrain.errors import UserError
 from emotrain.lora.formats import load_lora_file
-from emotrain.sdxl.lora import TEXT_TARGETS, UNET_TARGETS
+from emotrain.sdxl import TEXT_ENCODER_TARGETS, unet_targets
+
+UNET_TARGETS, TEXT_TARGETS = unet_targets("full").pattern, TEXT_ENCODER_TARGETS.pattern
 from emotrain.sdxl.tiny import TINY_UNET
 from helpers import run_cli, train
 

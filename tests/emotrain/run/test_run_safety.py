@@ -19,7 +19,7 @@ from helpers import FAST, run_cli, run_json, train
 
 # Only the plugin folder goes on the path: tests/ itself holds folders named like the packages
 # (optim, emotrain), which would shadow the installed ones when the command runs elsewhere.
-PLUGINS = str(Path(__file__).resolve().parents[1] / "plugins")
+PLUGINS = str(Path(__file__).resolve().parents[2] / "plugins")
 
 
 def cli(*args, cwd=None, **kwargs):
