@@ -4,6 +4,10 @@ into ``OUTPUT/<optim>[-shadow][-lr<x>]/``, then one report that overlays them.
 
 A sweep is resumable: run the same command again and finished runs are kept, the
 interrupted one continues from its latest checkpoint (``--resume``), the rest start.
+Another command on the same folder may add runs (other optimizers, shadow settings or
+learning rates, with the same shared settings): sweep.json keeps every run any command
+planned there, and the report overlays them all. Everything is checked before
+sweep.json is written, and before the report's modules (matplotlib, torch) load.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from ..disk.atomic import write_text
 from ..disk.checkpoint import list_checkpoints
 from ..config import TrainConfig, given_values, resolve_config
 from ..errors import TrainingStopped, UserError
-from ..disk.layout import RunFolder, sweep_run_name
+from ..disk.layout import RunFolder, shown, sweep_run_name
 from ..optimizers import EMO
 from ..options import BY_NAME, RESUMABLE
+from ..watch.runs import read_sweep, run_info
 
 SHADOWS = {"off": (False,), "on": (True,), "both": (False, True)}
 DEFAULT_VAL_SPLIT = 0.1
@@ -39,8 +44,10 @@ def _items(text: str | None) -> list[str]:
 
 
 def parse_lrs(text: str | None) -> list[float] | None:
-    if not text:
+    if text is None:
         return None
+    if not _items(text):
+        raise UserError(f"--lr: {text!r} names no learning rate: pass one or more, comma-separated, e.g. 1e-4,3e-4")
     out = []
     for item in _items(text):
         try:
@@ -82,37 +89,57 @@ def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: 
                 name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
                 values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name)}
                 runs.append(SweepRun(name, resolve_config(None, values)))
+    names = [r.name for r in runs]
+    for r in runs:
+        if names.count(r.name) > 1:
+            twins = [x.cfg for x in runs if x.name == r.name]
+            raise UserError(f"--optim {twins[0].optim} and {twins[1].optim} would share the run folder {r.name}: "
+                            "compare optimizers whose class names differ, in separate sweeps")
     return output, runs, notes
 
 
-def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in RESUMABLE}
+PER_RUN = ("optim", "shadow", "lr", "output")  # what differs between the runs of one sweep
 
 
-def check_or_record(output: Path, runs: list[SweepRun]) -> None:
+def _comparable(cfg: dict, shared_only: bool = False) -> dict:
+    return {k: v for k, v in cfg.items() if k not in RESUMABLE and not (shared_only and k in PER_RUN)}
+
+
+def _differing(old: dict, new: dict) -> str | None:
+    return next((k for k in old if old[k] != new.get(k)), None)
+
+
+def check_or_record(output: Path, runs: list[SweepRun]) -> list[str]:
     """A second command on the same folder must describe the same sweep (up to what a
-    resume may change); the first one records it in sweep.json."""
+    resume may change), or add runs to it with the same shared settings; sweep.json then
+    holds every run planned there, in order. Nothing is written before all is checked.
+    -> the names of every run of the sweep."""
     folder = RunFolder(output)
-    planned = {"runs": [{"name": r.name, "config": r.cfg.to_dict()} for r in runs]}
-    if folder.sweep_json.is_file():
-        saved = {r["name"]: r["config"] for r in json.loads(folder.sweep_json.read_text())["runs"]}
-        for r in runs:
-            old = saved.get(r.name)
-            if old is not None and _comparable(old) != _comparable(r.cfg.to_dict()):
-                key = next(k for k in _comparable(old) if old[k] != r.cfg.to_dict().get(k))
-                raise UserError(f"{output} holds a sweep whose run {r.name} has another {key} ({old[key]!r}): pass "
-                                "the same flags to resume it, or another --output")
+    planned = {r.name: r.cfg.to_dict() for r in runs}
+    saved = {}
+    if folder.sweep_json.exists():
+        saved = read_sweep(folder, "pass another --output for a new sweep")
+        for name, old in saved.items():
+            new = planned.get(name)
+            key = _differing(_comparable(old), _comparable(new)) if new else \
+                _differing(_comparable(old, True), _comparable(runs[0].cfg.to_dict(), True))
+            if key:
+                raise UserError(f"{output} holds a sweep whose run {name} has another {key} ({old.get(key)!r}): pass "
+                                "the same flags to resume it or add runs to it, or another --output")
     elif folder.root.is_dir() and any(folder.root.iterdir()):
         raise UserError(f"{output} is not empty and holds no sweep: pass an empty or new --output")
-    write_text(folder.sweep_json, json.dumps(planned, indent=2) + "\n")
+    record = {**saved, **planned}
+    write_text(folder.sweep_json, json.dumps({"runs": [{"name": n, "config": c} for n, c in record.items()]},
+                                             indent=2) + "\n")
+    return list(record)
 
 
 def state_of(run: SweepRun) -> str:
     """'kept' (finished at its steps), 'resume' (a checkpoint to go on from) or 'start'."""
     folder = run.folder
     try:
-        info = json.loads(folder.run_json.read_text())
-    except (OSError, ValueError):
+        info = run_info(folder.root)
+    except UserError:
         info = {}
     if info.get("status") == "finished" and info.get("steps") == run.cfg.steps:
         return "kept"
@@ -121,10 +148,9 @@ def state_of(run: SweepRun) -> str:
 
 def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
     from .train import run_training
-    from ..watch.report import write_report
 
     output, runs, notes = plan_sweep(preset, overrides, optims, shadow, lrs)
-    check_or_record(output, runs)
+    names = check_or_record(output, runs)
     for note in notes:
         echo(note)
     for i, run in enumerate(runs, 1):
@@ -143,8 +169,19 @@ def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
             if stop.status == "interrupted":
                 raise  # the user stopped the sweep; running it again resumes here
             echo(f"{run.name} stopped: {stop}; the sweep goes on")  # a diverged lr, say
-    report = write_report([r.folder.root for r in runs], RunFolder(output).report, title=f"emotrain sweep {output.name}")
-    return summary_text([r.folder.root for r in runs]) + f"\nreport: {report}"
+    from ..watch.report import write_report
+
+    folders = [output / n for n in names if _is_run(output / n)]  # runs earlier commands added too
+    report = write_report(folders, RunFolder(output).report, title=f"emotrain sweep {output.name}")
+    return summary_text(folders) + f"\nreport: {shown(report)}"
+
+
+def _is_run(folder: Path) -> bool:
+    try:
+        run_info(folder)
+        return True
+    except UserError:
+        return False
 
 
 def summary_text(folders: list) -> str:

@@ -1,19 +1,25 @@
 """``emotrain sdxl-lora``: check everything the command line says, take the output
-folder (its lock, leftovers tidied), refuse what would mix two runs, then train."""
+folder (its lock, leftovers tidied), refuse what would mix two runs or replace one, then
+train. A folder holds another run when it holds any of a run's files (run.json, a LoRA
+file, metrics.jsonl, report.html, a checkpoint): only a run that stopped before it saved
+anything (no checkpoint, no LoRA) is started over. A resumed run never replaces a
+checkpoint it did not use: it sets it aside (``step-NNNNNN.unused``) first."""
 
 from __future__ import annotations
 
+import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 from ..config import absolute_paths, check_output_folder, config_from_dict, resolve_config, resumed_config
 from ..disk.checkpoint import list_checkpoints
-from ..disk.layout import RunFolder
+from ..disk.layout import RUN_FILES, STEP_NAME, RunFolder
 from ..disk.lock import OutputLock
-from ..disk.tidy import clean_leftovers
+from ..disk.tidy import clean_leftovers, incomplete_checkpoints, set_aside
 from ..disk.verify import choose_checkpoint, problem, read_meta, step_folders
 from ..errors import UserError
+from ..lora.formats import FORMATS
 from ..run import processes
 
 
@@ -43,7 +49,7 @@ def _check_resume_target(output: str, ckpt: Path, step: int, explicit: bool) -> 
     target = RunFolder(output)
     own = RunFolder.of_checkpoint(ckpt)
     if own is None or target.root.resolve() != own.root.resolve():
-        _refuse_other_run(target, output)
+        _refuse_other_run(target, output, restart=False)  # no other run's metrics under this history
         return
     newer = [c for c in list_checkpoints(target.checkpoints) if int(c.name.split("-")[1]) > step]
     if explicit and any(problem(c) is None for c in newer):
@@ -51,11 +57,57 @@ def _check_resume_target(output: str, ckpt: Path, step: int, explicit: bool) -> 
                         f"{ckpt.name} would mix two histories; pass --output NEW_DIR to continue into a new folder")
 
 
-def _refuse_other_run(folder: RunFolder, output: str) -> None:
+STOPPED_EARLY = ("running", "interrupted", "stopped-nan", "error")  # run.json's status of a run that may end unsaved
+
+
+def _status(folder: RunFolder) -> str | None:
+    try:
+        info = json.loads(folder.run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info.get("status") if isinstance(info, dict) else None
+
+
+def _refuse_other_run(folder: RunFolder, output: str, restart: bool = True) -> str | None:
+    """Refuse a folder that holds another run's work; -> a note when it holds only what
+    a run that stopped before saving anything left (a new run starts over there, if
+    ``restart``)."""
+    if folder.sweep_json.is_file():
+        raise UserError(f"{output} holds a sweep (sweep.json): pass another --output (the sweep's runs are its "
+                        "subfolders; `emotrain sweep` with the same flags continues it)")
     existing = step_folders(folder.checkpoints)
     if existing:  # a new run there would mix with (and prune) another run's checkpoints
         raise UserError(f"{output} already holds a run (checkpoint {existing[-1].name}): continue it with "
                         f"--resume {output}, or pass another --output")
+    loras = [f.file_name for f in FORMATS.values() if (folder.root / f.file_name).exists()]
+    found = loras + [name for name in RUN_FILES if (folder.root / name).exists()]
+    if not found:
+        return None
+    status = _status(folder)
+    if restart and not loras and status in STOPPED_EARLY:
+        return f"note: {output} held a run that stopped ({status}) before its first checkpoint: starting over there"
+    what = "a finished run" if status == "finished" else "a run"
+    raise UserError(f"{output} already holds {what} ({', '.join(found[:3])}) with no checkpoint to continue it "
+                    "from: pass another --output (a new run there would replace those files)")
+
+
+def _set_aside_newer(output: str, ckpt: Path) -> list[str]:
+    """Before a run resumed in its own folder from ``ckpt`` saves over the newer
+    checkpoints it skipped (each unusable), rename them aside: kept, and said so."""
+    own, target = RunFolder.of_checkpoint(ckpt), RunFolder(output)
+    if own is None or own.root.resolve() != target.root.resolve():
+        return []
+    step = read_meta(ckpt)["step"]
+    notes = []
+    for path in step_folders(own.checkpoints):
+        if int(STEP_NAME.match(path.name).group(1)) > step:
+            try:
+                aside = set_aside(path)
+            except OSError as exc:
+                raise UserError(f"cannot set aside {path}, which this run would replace ({exc.strerror}): move it "
+                                "away yourself, or resume with --output NEW_DIR") from None
+            notes.append(f"note: kept {path.name}, which this run does not use, as {own.relative(aside)}")
+    return notes
 
 
 def run_training(preset: str | None, overrides: dict, resume: str | None = None) -> dict:
@@ -72,9 +124,12 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
     main = processes.is_main()  # under accelerate launch, one process holds the lock and tidies
     with OutputLock(cfg.output) if main else nullcontext() as lock:
         if main:
+            notes.append(lock.message())
             if ckpt is None:
-                _refuse_other_run(RunFolder(cfg.output), cfg.output)  # again, now that no run can start there
-            notes += [lock.message(), clean_leftovers(cfg.output)]
+                notes.append(_refuse_other_run(RunFolder(cfg.output), cfg.output))  # again, now no run can start there
+            else:
+                notes += _set_aside_newer(cfg.output, ckpt)
+            notes += [clean_leftovers(cfg.output), incomplete_checkpoints(cfg.output) if ckpt else None]
             for note in filter(None, notes):
                 print(note, file=sys.stderr)
         from ..run.loop import train

@@ -18,6 +18,9 @@ CHECKPOINT_FILES = (TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON)
 SAMPLES, LOGS, METRICS, REPORT = "samples", "logs", "metrics.jsonl", "report.html"
 SAMPLE_NAME = re.compile(r"^step-(\d{6,})-(\d{2,})\.png$")
 SWEEP_JSON = "sweep.json"
+# What marks a folder as another run's (besides its checkpoints and its LoRA files, which
+# lora/formats names): a new run there would replace them.
+RUN_FILES = (RUN_JSON, METRICS, REPORT, DRAWS)
 
 
 def step_name(step: int) -> str:
@@ -30,8 +33,20 @@ def sample_name(step: int, index: int) -> str:
 
 
 def sweep_run_name(optim: str, shadow: bool, lr: float | None = None) -> str:
-    """A sweep's run folder: ``emosens``, ``emosens-shadow``, ``emosens-shadow-lr0.0003``."""
-    return optim.rsplit(".", 1)[-1] + ("-shadow" if shadow else "") + (f"-lr{lr:g}" if lr is not None else "")
+    """A sweep's run folder: ``emosens``, ``emosens-shadow``, ``emosens-shadow-lr0.0003``
+    (the rate in 6 digits, or exactly where 6 digits would name two rates alike)."""
+    rate = "" if lr is None else f"{lr:g}" if float(f"{lr:g}") == lr else repr(lr)
+    return optim.rsplit(".", 1)[-1] + ("-shadow" if shadow else "") + (f"-lr{rate}" if lr is not None else "")
+
+
+def shown(path) -> str:
+    """``path`` as the user can open it from where they are: relative to the working
+    directory when inside it, else absolute."""
+    path = Path(path).expanduser().resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
 
 
 class RunFolder:

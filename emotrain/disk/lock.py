@@ -4,8 +4,11 @@
 complete under a temporary name and hard-linked into place, which fails if a lock is
 there: two runs can never both take it. A lock whose process is gone (same host, no such
 pid, or a pid that now belongs to a process started later) is stale: it is taken over with
-a message. A live one, or one from another host (which cannot be checked), refuses with
-one line. Pure Python.
+a message, or, when it cannot be removed (an immutable file, a folder that takes no
+deletes), refused with one line saying so. A live holder, or one from another host (which
+cannot be checked), refuses with one line; when the live process may not be the run that
+took the lock (an old lock without the start time, naming a reused pid), the line says how
+to clear it. Pure Python.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ def _start_ticks(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def _program(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or None
+    except OSError:
         return None
 
 
@@ -99,10 +109,21 @@ class OutputLock:
                             f"{holder.get('started')}): wait for it or pass another --output; if that run is gone, "
                             f"delete {self.path}")
         if _alive(pid, holder.get("start_ticks")):
-            raise UserError(f"{where} is in use by another emotrain run (pid {pid}, since {holder.get('started')}): "
-                            "wait for it to finish or pass another --output")
+            if holder.get("start_ticks") is not None and _start_ticks(pid) is not None:  # that very process
+                raise UserError(f"{where} is in use by another emotrain run (pid {pid}, since "
+                                f"{holder.get('started')}): wait for it to finish or pass another --output")
+            program = _program(pid)
+            raise UserError(f"{where} is locked by pid {pid}" + (f" ({program})" if program else "") +
+                            f", since {holder.get('started')}, a live process that may not be the run that took the "
+                            f"lock (the lock cannot tell): if no emotrain run uses {where}, delete {self.path}; "
+                            "else wait for it or pass another --output")
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise UserError(f"{where} holds the lock of a run that is gone (pid {pid}), and it cannot be removed "
+                            f"({exc.strerror}): delete {self.path} yourself (check its permissions and attributes, "
+                            "e.g. lsattr), or pass another --output") from None
         self.took_over = holder
-        self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Let go; a folder the lock made and nothing else filled goes too (a run refused

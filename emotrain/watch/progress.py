@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
+from ..disk.layout import shown
+
 SMOOTHING = 0.9  # loss shown as an exponential moving average, as kohya does
 MIN_BAR = 6
 
@@ -125,4 +127,4 @@ class TrainProgress:
         if "cuda_peak_allocated_bytes" in mem:
             line += f", CUDA peak allocated {mem['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB"
         self.console.print(line)
-        self.console.print(f"saved {root / run['files']['kohya']} and {root / run['files']['diffusers']}")
+        self.console.print(f"saved {shown(root / run['files']['kohya'])} and {shown(root / run['files']['diffusers'])}")

@@ -1,5 +1,8 @@
 """A finished (or stopped) run folder, read back for the report: run.json, every step's
-scalars from metrics.jsonl, the sample images and their prompts."""
+scalars from metrics.jsonl, the sample images and their prompts; and a sweep's
+sweep.json. ``run_info`` and ``read_sweep`` are pure Python and refuse a damaged file
+with one line: the commands call them to check their arguments before anything heavy
+(matplotlib, torch) is imported."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from pathlib import Path
 from ..errors import UserError
 from ..disk.layout import SAMPLE_NAME, RunFolder
 from ..optimizers import DISPLAY
-from .logs import read_metrics
 
 # What must match for two validation losses to be comparable, with how to say it.
 VALIDATION_KEYS = {"data": "training data", "images_sha256": "validation images", "seed": "seed (noise)",
@@ -73,15 +75,64 @@ def _prompt_of(path: Path) -> str | None:
         return None
 
 
-def load_run(path) -> RunView:
+def _damaged(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not text"
+    if isinstance(exc, json.JSONDecodeError):  # where it stops: a truncated file ends early
+        return f"truncated or not JSON: {exc.msg.lower()} (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, ValueError):
+        return f"not JSON: {str(exc)[:80]}"
+    return exc.strerror or type(exc).__name__
+
+
+def run_info(path) -> dict:
+    """The run folder ``path``'s run.json ({} when only metrics.jsonl is there), or a
+    UserError naming what is wrong: no run folder, or a damaged run.json."""
+    if not str(path).strip():
+        raise UserError("a run folder is empty: pass the --output folder of a run")
     folder = RunFolder(path)
+    if not folder.root.is_dir():
+        raise UserError(f"run folder {path} " + ("is a file" if folder.root.exists() else "does not exist") +
+                        ": pass the --output folder of a run")
     if not folder.run_json.is_file() and not folder.metrics.is_file():
         raise UserError(f"{folder.root} is not an emotrain run folder (no run.json or metrics.jsonl): "
                         "pass the --output folder of a run")
+    if not folder.run_json.is_file():
+        return {}
+    try:  # written atomically: a run.json that does not parse is damaged, not half-written
+        info = json.loads(folder.run_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{folder.run_json} is damaged ({_damaged(exc)}): put back a good copy, "
+                        "or leave this run out of the report") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{folder.run_json} is damaged (a JSON {type(info).__name__}, not the object a run "
+                        "writes): put back a good copy, or leave this run out of the report")
+    return info
+
+
+def read_sweep(folder: RunFolder, fix: str) -> dict[str, dict]:
+    """A sweep's runs from its sweep.json, by name: {name: config}, in its order; a
+    UserError ending in ``fix`` when the file is damaged."""
+    problem = None
     try:
-        info = json.loads(folder.run_json.read_text()) if folder.run_json.is_file() else {}
-    except ValueError:
-        info = {}  # a run.json being rewritten: the metrics still tell the story
+        data = json.loads(folder.sweep_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problem = _damaged(exc)
+    else:
+        runs = data.get("runs") if isinstance(data, dict) else None
+        if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and
+                                                 r["name"] and isinstance(r.get("config"), dict) for r in runs):
+            problem = "not the list of runs a sweep writes"
+    if problem:
+        raise UserError(f"{folder.sweep_json} is damaged ({problem}): put back a good copy, or {fix}")
+    return {r["name"]: r["config"] for r in runs}
+
+
+def load_run(path) -> RunView:
+    from .logs import read_metrics  # logs imports torch
+
+    folder = RunFolder(path)
+    info = run_info(path)
     run = RunView(folder.root, info, read_metrics(folder.metrics))
     if folder.samples.is_dir():
         for p in sorted(folder.samples.iterdir()):

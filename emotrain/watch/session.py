@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager, nullcontext
 
-from ..disk.layout import SAMPLE_NAME, RunFolder
+from ..disk.layout import SAMPLE_NAME, RunFolder, shown
 from .progress import SMOOTHING
 from . import logs
 from .prompts import sample_prompts
@@ -127,7 +127,7 @@ class Watch:
         if report:
             from .report import write_report
             path = write_report([self.folder.root], self.folder.report)
-            self.progress.console.print(f"report: {self.folder.relative(path)}")
+            self.progress.console.print(f"report: {shown(path)}")  # to open from where the user is
         self.metrics = None
 
     # -- inside ------------------------------------------------------------------------

@@ -198,6 +198,26 @@ def test_damaged_resume_inputs(tmp_path, monkeypatch, files):
     run_cases(tmp_path, monkeypatch, cases, base=[])
 
 
+def test_sweep_and_report_refuse_bad_inputs(tmp_path, monkeypatch, files):
+    for name, text in [("list", "[1, 2]"), ("cut", '{"status": "finished", "con'), ("bytes", "\udcff")]:
+        (tmp_path.parent / f"run-{name}").mkdir()
+        (tmp_path.parent / f"run-{name}" / "run.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    (tmp_path.parent / "run-metrics").mkdir()
+    (tmp_path.parent / "run-metrics" / "metrics.jsonl").write_text('{"step": 0}\n')
+    sweep = tmp_path.parent / "sweep-cut"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text('{"runs": [')
+    out = str(tmp_path / "out")
+    cases = [["--optim", "emosens", "--lr", v, "--output", out] for v in (",", " ", "1e-4,,nan", "1e-4,inf", "0")]
+    cases += [["--optim", "emosens", "--shadow", "", "--output", out], ["--optim", ",", "--output", out],
+              ["--optim", "emosens", "--output", str(sweep)], ["--optim", "emosens", "--output", files["file"]],
+              ["--optim", "a.X,b.X", "--output", out]]
+    run_cases(tmp_path, monkeypatch, cases, command="sweep")
+    run_cases(tmp_path, monkeypatch, [[str(tmp_path.parent / f"run-{n}")] for n in ("list", "cut", "bytes")] + [
+        [str(sweep)], [""], [files["dir"]], [files["file"]], [str(tmp_path.parent / "run-list"), "--out", out],
+        [str(tmp_path.parent / "run-metrics"), "--out", files["dir"]]], command="report", base=[])
+
+
 def test_real_bytes_that_are_not_utf8(tmp_path):
     # argv as bytes, the way a shell passes a Latin-1 file name
     for args in ([b"--data", b"caf\xe9"], [b"--output", b"caf\xe9"], [b"--model", b"caf\xe9"],

@@ -59,7 +59,8 @@ def copy_run(src, dst):
 def test_a_live_lock_refuses_a_second_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier"}  # this test: alive
+    ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "earlier", "start_ticks": ticks}  # alive
     (out / ".emotrain.lock").write_text(json.dumps(holder))
     result = cli("sdxl-lora", *FAST, "--output", out, "--steps", "1")
     assert result.returncode == 2
@@ -76,13 +77,15 @@ def test_stale_lock_and_leftovers_are_cleared_on_resume(four_steps, tmp_path):
     tmp_save.mkdir()
     (tmp_save / "trainable.safetensors").write_bytes(b"x" * 1000)
     (ckpts / ".step-000001.999.0123abcd.trash").mkdir()  # a prune killed before its delete
-    (ckpts / "step-000001" / "checkpoint.json").unlink()  # ...or, by an older version, half-deleted in place
+    (ckpts / "step-000001" / "checkpoint.json").unlink()  # half-deleted in place: kept (only temporary names go)
     (out / ".run.json.999.0123abcd.tmp").write_text("{")
     result = cli("sdxl-lora", "--resume", out, "--steps", "5")
     assert result.returncode == 0, result.stderr
     assert "took over the lock of an earlier run that is no longer running" in result.stderr
     assert "removed what an interrupted earlier attempt left" in result.stderr
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000003", "step-000004", "step-000005"]
+    assert "kept checkpoints/step-000001, which cannot be used" in result.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000001", "step-000002", "step-000003", "step-000004",
+                                                       "step-000005"]
     assert not (out / ".emotrain.lock").exists() and not (out / ".run.json.999.0123abcd.tmp").exists()
 
 
@@ -153,6 +156,7 @@ def test_damaged_checkpoints_are_skipped_with_the_reason(four_steps, tmp_path):
     assert "skipped checkpoint step-000002: its checkpoint.json was changed after it was written" in err
     assert "resumed from" in err and "step-000001 at step 1" in err
     assert run_json(out)["steps"] == 4 and len(run_json(out)["losses"]) == 4
+    assert all((out / "checkpoints" / f"step-00000{n}.unused").is_dir() for n in (2, 3, 4))  # kept, not replaced
 
 
 @pytest.mark.parametrize("how,reason", [("flip", "does not match the sha256"), ("edited rank", "was changed after"),
