@@ -103,7 +103,7 @@ class OutputLock:
         where = RunFolder(self.path.parent).root
         if pid is None:
             raise UserError(f"{where} is locked by {self.path}, which is unreadable: if no run uses {where}, "
-                            "delete that file")
+                            "delete it")
         if host != socket.gethostname():
             raise UserError(f"{where} is in use by an emotrain run on host {host} (pid {pid}, since "
                             f"{holder.get('started')}): wait for it or pass another --output; if that run is gone, "

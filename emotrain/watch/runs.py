@@ -105,8 +105,9 @@ def run_info(path) -> dict:
         raise UserError(f"{folder.run_json} is damaged ({_damaged(exc)}): put back a good copy, "
                         "or leave this run out of the report") from None
     if not isinstance(info, dict):
-        raise UserError(f"{folder.run_json} is damaged (a JSON {type(info).__name__}, not the object a run "
-                        "writes): put back a good copy, or leave this run out of the report")
+        kind = {list: "a list", str: "a string", bool: "true or false", type(None): "null"}.get(type(info), "a number")
+        raise UserError(f"{folder.run_json} is damaged (it holds {kind}, not the object a run writes): put back a good "
+                        "copy, or leave this run out of the report")
     return info
 
 

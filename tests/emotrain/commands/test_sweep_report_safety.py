@@ -77,7 +77,7 @@ def broken(tmp_path):
 CASES = [
     (["report", "{sweep}"], "sweep.json is damaged (truncated or not JSON"),
     (["report", "{wrong}"], "sweep.json is damaged (not the list of runs a sweep writes)"),
-    (["report", "{listed}"], "run.json is damaged (a JSON list, not the object a run writes)"),
+    (["report", "{listed}"], "run.json is damaged (it holds a list, not the object a run writes)"),
     (["report", "{cut}"], "run.json is damaged (truncated or not JSON"),
     (["report", "{cut}", "--out", "{tmp}/r.html"], "run.json is damaged"),
     (["report", "{tmp}/nosuch"], "does not exist"),
