@@ -118,6 +118,7 @@ def sample_prompts(cfg) -> list[SamplePrompt]:
     lines = []
     if cfg.sample_prompts:
         lines += [(f"{cfg.sample_prompts} line {n}", text) for n, text in read_prompt_file(cfg.sample_prompts)]
-    lines += [(f"--sample-prompt {text!r}", text) for text in cfg.sample_prompt]
+    lines += [(f"--sample-prompt {text if len(text) <= 40 else text[:37] + '...'!r}", text)
+              for text in cfg.sample_prompt]
     return [parse_line(text, where, resolution=cfg.resolution, seed=cfg.seed + k, steps=cfg.sample_steps,
                        sampler=cfg.sample_sampler) for k, (where, text) in enumerate(lines)]
