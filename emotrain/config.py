@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .disk.atomic import check_writable
 from .dataset import check_options as check_data_options
+from .dataset.kohya_config import toml_value
 from .errors import UserError
 from .lora.formats import resolve_lora_file
 from .optimizers import parse_optim_args
@@ -63,7 +64,7 @@ def coerce(o: Option, value, where: str):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{o.name} {where} must be a list of strings, got {value!r}")
+            raise UserError(f"{o.name} {where} must be a list of strings, got {toml_value(value)}")
         return list(value)
     if o.type is bool and isinstance(value, bool):
         return value
@@ -74,7 +75,7 @@ def coerce(o: Option, value, where: str):
     if o.type is str and isinstance(value, str):
         return value
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[o.type]
-    raise UserError(f"{o.name} {where} must be {kind}, got {value!r}")
+    raise UserError(f"{o.name} {where} must be {kind}, got {toml_value(value)}")
 
 
 def validate(cfg: TrainConfig, needs_data: bool = True) -> None:

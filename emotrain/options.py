@@ -20,6 +20,7 @@ from .errors import UserError
 from .optimizers import NAMES as OPTIMIZER_NAMES
 from .precision import PRECISIONS
 from .samplers import NAMES as SAMPLERS
+from .sources import model_name
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # LoRA placements on the UNet. "transformer": sd-scripts' default LoRA (networks.lora
@@ -267,6 +268,34 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     if not math.isfinite(weight):
         raise UserError(f"bad weight {tail!r} in {spec!r}: a LoRA's weight must be a finite number, e.g. {head}:0.8")
     return head, weight
+
+
+# Options that name local files and folders. A file a user may share (a LoRA's header,
+# a sample's PNG text, report.html) names them, never gives their path: a path often
+# holds the user's name. run.json and checkpoints keep the paths (a resume needs them).
+PATH_OPTIONS = ("model", "network_weights", "base_lora", "data", "dataset_config", "reg_data", "cache_dir",
+                "val_data", "sample_prompts", "output")
+
+
+def shareable(config: dict) -> dict:
+    """A config (``TrainConfig.to_dict()``) with each local path cut to its last name, as
+    sd-scripts writes ``ss_output_name``; a hub id, ``tiny`` and ``demo`` stay as given."""
+    from pathlib import Path
+
+    def name(path: str) -> str:
+        return Path(path).name or path
+
+    out = dict(config)
+    for key in PATH_OPTIONS:
+        value = out.get(key)
+        if key == "base_lora":
+            out[key] = [name(path) + ("" if path == spec else f":{weight!r}")
+                        for spec in value or [] for path, weight in [parse_lora_spec(spec)]]
+        elif key == "model" and value:
+            out[key] = model_name(value)
+        elif isinstance(value, str) and value:
+            out[key] = name(value)
+    return out
 
 
 def markdown_table() -> str:

@@ -32,6 +32,14 @@ def is_hub_id(model: str) -> bool:
     return bool(HUB_ID.match(model)) and not Path(model).expanduser().exists()
 
 
+def model_name(model: str) -> str:
+    """What a file a user may share says of ``--model``: ``tiny[:SEED]`` and a hub repo id
+    as given, a local folder or file by its name only (its path may hold the user's name)."""
+    if TINY.match(model) or is_hub_id(model):
+        return model
+    return Path(model).name or model
+
+
 def check_model(model: str) -> None:
     """Refuse what cannot be a model, before anything is imported or loaded."""
     if tiny_seed(model) is not None:

@@ -39,7 +39,7 @@ def load_image(path: Path, resolution: int, bucket: bool = True):
     read as the loop reads it, with the numbers SDXL's size and crop conditioning sees."""
     from emotrain.dataset.buckets import choose_bucket, place
     from emotrain.dataset.images import inspect_image, load_pixels
-    width, height, _ = inspect_image(Path(path))
+    width, height, *_ = inspect_image(Path(path))
     placement = place(width, height, *choose_bucket(width, height, resolution, bucket))
     pixels, _ = load_pixels(Path(path), placement)
     return pixels, placement.original, placement.crop, placement.target

@@ -32,16 +32,21 @@ def _open(path: Path) -> Image.Image:
         raise UserError(f"cannot read image {path} ({exc}): remove or replace the file") from None
 
 
-def inspect_image(path: Path) -> tuple[int, int, bool]:
-    """-> (width, height as it is shown, has transparency), from the header alone."""
+def inspect_image(path: Path) -> tuple[int, int, bool, int]:
+    """-> (width, height as it is shown, has transparency, frames), from the header
+    alone; an animated image (WebP, APNG) has more than one frame and trains on its first."""
     with _open(path) as img:
         width, height = img.size
         try:
             orientation = img.getexif().get(0x0112, 1)
         except Exception:  # a damaged EXIF block: the pixels may still be fine
             orientation = 1
+        try:
+            frames = getattr(img, "n_frames", 1)  # a GIF under another name counts by reading on
+        except Exception:  # a damaged later frame: the first is what trains
+            frames = 1
         alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
-    return (height, width, alpha) if orientation in TRANSPOSED else (width, height, alpha)
+    return (height, width, alpha, frames) if orientation in TRANSPOSED else (width, height, alpha, frames)
 
 
 def _channels(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:

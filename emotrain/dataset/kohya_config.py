@@ -9,7 +9,9 @@ by name; sd-scripts keys whose value changes nothing (``color_aug = false``) pas
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -44,6 +46,27 @@ ELSEWHERE = {
 }
 
 
+def toml_value(value, limit: int = 80) -> str:
+    """A value as TOML spells it (``true``, ``"text"``, ``inf``, ``{ a = 1 }``), as the
+    user wrote it, for error messages; cut to ``limit`` characters."""
+    def spell(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)  # JSON's escapes are TOML's basic-string escapes
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, list):
+            return "[" + ", ".join(spell(x) for x in v) + "]"
+        if isinstance(v, dict):
+            keys = (k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k, ensure_ascii=False) for k in v)
+            return "{ " + ", ".join(f"{k} = {spell(x)}" for k, x in zip(keys, v.values())) + " }" if v else "{}"
+        return v.isoformat() if hasattr(v, "isoformat") else str(v)  # ints, floats, dates and times
+
+    text = spell(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _where(ds: int | None = None, sub: int | None = None) -> str:
     if ds is None:
         return "[general]"
@@ -61,7 +84,7 @@ class _Reader:
         """One key's value, checked for its type and range."""
         def need(ok: bool, kind: str):
             if not ok:
-                self.fail(where, f"{key} must be {kind}, got {value!r}")
+                self.fail(where, f"{key} must be {kind}, got {toml_value(value)}")
             return value
 
         is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -103,7 +126,7 @@ class _Reader:
             if key in NO_OP:
                 noop, why = NO_OP[key]
                 if not (value == noop or (noop is None and value in ([], {}, ""))):
-                    self.fail(where, f"{key} = {value!r} cannot be honoured ({why}): remove the key")
+                    self.fail(where, f"{key} = {toml_value(value)} cannot be honoured ({why}): remove the key")
                 continue
             if key not in allowed:
                 known = SUBSET_FIELDS + DATASET_FIELDS
@@ -119,10 +142,15 @@ def read_dataset_config(path, fallback: dict) -> list[DatasetSpec]:
     """The datasets a TOML file describes; ``fallback``: the command line's values by
     sd-scripts' key names."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"dataset config {path} is a folder: pass the .toml file (sd-scripts' dataset config), "
+                        "or the folder of images as --data")
     if not path.is_file():
         raise UserError(f"dataset config {path} does not exist: pass an existing .toml file")
     try:
         raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UserError(f"dataset config {path} cannot be read ({exc.strerror or exc}): check its permissions") from None
     except UnicodeDecodeError:
         raise UserError(f"dataset config {path} is not UTF-8 text: save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:

@@ -18,7 +18,11 @@ MESSAGES = {
     "no_mask": "{n} image(s) have neither alpha nor a NAME_mask.png: trained on the whole image, e.g. {example}",
     "unused_masks": "{n} NAME_mask.png file(s) are not images to train on and are skipped (--alpha-mask is off), "
                     "e.g. {example}",
+    "animated": "{n} image(s) are animated: trained on their first frame only (as sd-scripts does), e.g. "
+                "{example}{detail}: save the frame you want as a still image",
     "skipped_folders": "{n} sub-folder(s) are not named N_name and were not read, e.g. {example}",
+    "linked_folders": "{n} sub-folder(s) are links to a folder already read and were not read again, e.g. "
+                      "{example}{detail}",
     "empty_subset": "{n} folder(s) hold no images, e.g. {example}",
     "batch_too_large": "the batch size is larger than the data: batches hold fewer images{detail}, e.g. {example}",
     "small_buckets": "{n} bucket(s) hold fewer images than the batch size: their batches are smaller{detail}, "

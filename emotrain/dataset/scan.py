@@ -13,7 +13,7 @@ from .buckets import Placement, choose_bucket, place
 from .captions import read_caption
 from .images import IMAGE_SUFFIXES, MASK_SUFFIX, inspect_image
 from .problems import Problems
-from .spec import REPEAT_FOLDER, DatasetSpec, Subset, folder_subsets
+from .spec import REPEAT_FOLDER, DatasetSpec, Subset, folder_subsets, repeat_folders
 
 FOLDER_LINES = 8  # folders listed one by one in the summary; more are counted
 
@@ -67,7 +67,9 @@ def scan_subset(subset: Subset, problems: Problems) -> list[Example]:
         problems.add("unused_masks", masks[0], count=len(masks))
     out = []
     for image in images:
-        width, height, alpha = inspect_image(image)
+        width, height, alpha, frames = inspect_image(image)
+        if frames > 1:
+            problems.add("animated", image, f" ({frames} frames)")
         caption, notes = read_caption(image, subset.caption_extension)
         for note in notes:
             problems.add(note, image.with_suffix(subset.caption_extension))
@@ -112,6 +114,8 @@ def _skipped_folders(root: Path, problems: Problems) -> None:
         match = REPEAT_FOLDER.match(sub.name)
         if not match or int(match.group(1)) < 1:
             problems.add("skipped_folders", sub)
+    for link in repeat_folders(root)[1]:
+        problems.add("linked_folders", link, f" (-> {link.resolve()})")
 
 
 def pair_regularization(train_draws: int, reg: list[tuple[Example, int]], problems: Problems) -> list[Example]:
@@ -138,9 +142,14 @@ def _placement(example: Example, spec: DatasetSpec) -> Placement:
     return place(width, height, target_w, target_h)
 
 
-def scan_datasets(specs: list[DatasetSpec], max_upscale: float = 2.0, folder_roots: tuple = ()) -> Scanned:
+TRAINING = ("train on", "add images with same-named caption files")
+
+
+def scan_datasets(specs: list[DatasetSpec], max_upscale: float = 2.0, folder_roots: tuple = (),
+                  purpose: tuple[str, str] = TRAINING) -> Scanned:
     """Every dataset's draws of an epoch. ``folder_roots``: kohya-style folders (--data,
-    --reg-data) whose other sub-folders are reported as not read."""
+    --reg-data) whose other sub-folders are reported as not read. ``purpose``: (what the
+    images are for, how to fix a set without any), for the error that says so."""
     problems = Problems()
     for root in folder_roots:
         _skipped_folders(Path(root), problems)
@@ -167,9 +176,9 @@ def scan_datasets(specs: list[DatasetSpec], max_upscale: float = 2.0, folder_roo
         _batch_checks(spec, [e for e in entries if e.dataset == d], problems)
     if not entries:
         where = ", ".join(str(s.image_dir) for spec in specs for s in spec.subsets if not s.is_reg)
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) to train on in {where or 'the data'}"
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) to {purpose[0]} in {where or 'the data'}"
                         f"{' (' + problems.line('too_small') + ')' if 'too_small' in problems.kinds else ''}: "
-                        "add images with same-named caption files")
+                        f"{purpose[1]}")
     return Scanned(entries, specs, problems, _summary(entries, folders))
 
 
@@ -223,7 +232,7 @@ def summary_lines(summary: dict, problems: Problems) -> list[str]:
     return lines
 
 
-def scan_data(cfg) -> Scanned:
+def scan_data(cfg, purpose: tuple[str, str] = TRAINING) -> Scanned:
     """A run's data (--dataset-config, or --data and --reg-data) scanned; with
     --strict-data a warning stops here, before any model loads."""
     from .demo import resolve_data
@@ -232,6 +241,6 @@ def scan_data(cfg) -> Scanned:
     data = resolve_data(cfg.data) if cfg.data else None
     reg = Path(cfg.reg_data).expanduser() if cfg.reg_data else None
     roots = () if cfg.dataset_config else tuple(p for p in (data, reg) if p)
-    scanned = scan_datasets(specs_from_options(cfg, data), cfg.max_upscale, roots)
+    scanned = scan_datasets(specs_from_options(cfg, data), cfg.max_upscale, roots, purpose)
     scanned.problems.enforce(cfg.strict_data)
     return scanned

@@ -63,14 +63,32 @@ DATASET_FIELDS = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso"
                   "bucket_reso_steps")
 
 
+def repeat_folders(folder: Path) -> tuple[list[tuple[Path, int, str]], list[Path]]:
+    """A kohya-style folder's ``N_name`` sub-folders -> ([(folder, N, name)], links): a
+    sub-folder that links to the folder itself or to a folder already read (``5_x -> .``)
+    would read the same images again and is left out, in the second list."""
+    subs = sorted(p for p in folder.iterdir() if p.is_dir())
+    seen = {folder.resolve()} | {p.resolve() for p in subs if not p.is_symlink()}
+    kept, links = [], []
+    for sub in subs:
+        match = REPEAT_FOLDER.match(sub.name)
+        if not match or int(match.group(1)) < 1:
+            continue
+        if sub.is_symlink():
+            if sub.resolve() in seen:
+                links.append(sub)
+                continue
+            seen.add(sub.resolve())
+        kept.append((sub, int(match.group(1)), match.group(2)))
+    return kept, links
+
+
 def folder_subsets(folder: Path, template: Subset, is_reg: bool = False) -> list[Subset]:
     """A kohya-style folder: its own images once, and each ``N_name`` sub-folder's images N
-    times with "name" as the caption of images that have none. Other sub-folders are not
-    read (the scan reports them)."""
+    times with "name" as the caption of images that have none. Other sub-folders, and links
+    to a folder already read, are not read (the scan reports them)."""
     subsets = [dataclasses.replace(template, image_dir=folder, num_repeats=1, is_reg=is_reg)]
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        match = REPEAT_FOLDER.match(sub.name)
-        if match and int(match.group(1)) > 0:
-            subsets.append(dataclasses.replace(template, image_dir=sub, num_repeats=int(match.group(1)),
-                                               class_tokens=match.group(2), is_reg=is_reg))
+    for sub, repeats, name in repeat_folders(folder)[0]:
+        subsets.append(dataclasses.replace(template, image_dir=sub, num_repeats=repeats, class_tokens=name,
+                                           is_reg=is_reg))
     return subsets

@@ -260,7 +260,7 @@ def save_lora(run: Run, output: Path) -> dict:
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = records.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
+    metadata = records.training_metadata(cfg, run.step, run.info["started_at"])
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..disk.atomic import write_text
 from ..disk.layout import RunFolder
+from ..options import shareable
+from ..sources import model_name
 
 
 
@@ -72,13 +74,14 @@ def memory_report(device, optimizer, lora_params, frozen_modules) -> dict:
     return report
 
 
-def training_metadata(cfg, steps: int, model_source: str, started_at: float) -> dict:
+def training_metadata(cfg, steps: int, started_at: float) -> dict:
     """sd-scripts' ss_* training notes (what A1111/ComfyUI show about a LoRA), plus our
-    whole config so a file says how it was made."""
+    whole config so a file says how it was made. LoRA files get shared: local files and
+    folders appear by name, never by path (``options.shareable``)."""
     return {
         "ss_training_started_at": str(started_at),
         "ss_output_name": Path(cfg.output).name,
-        "ss_sd_model_name": Path(model_source).name,
+        "ss_sd_model_name": Path(model_name(cfg.model)).name,  # sd-scripts: the model's file or folder name
         "ss_learning_rate": str(cfg.lr),
         "ss_unet_lr": str(cfg.lr),
         "ss_text_encoder_lr": str(cfg.lr if cfg.train_text_encoders else 0),
@@ -97,7 +100,7 @@ def training_metadata(cfg, steps: int, model_source: str, started_at: float) -> 
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_max_grad_norm": str(cfg.max_grad_norm),
         "emotrain_version": versions().get("emotrain") or "",
-        "emotrain_config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "emotrain_config": json.dumps(shareable(cfg.to_dict()), sort_keys=True),  # names, not paths
     }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..disk.atomic import write_text
+from ..options import shareable
 
 PROJECT = "emotrain"
 MIB = 2**20
@@ -38,8 +39,8 @@ def accelerator_settings(cfg, folder) -> dict:
 def start_trackers(accelerator, cfg, folder, resumed_at: int | None) -> None:
     if cfg.log_with == "none":
         return
-    config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
-              for k, v in cfg.to_dict().items() if v is not None}
+    config = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))  # wandb uploads it: names, not paths
+              for k, v in shareable(cfg.to_dict()).items() if v is not None}
     # TensorBoard hides what an interrupted attempt logged after the checkpoint (after
     # step 0 if this run starts afresh in a folder an attempt without checkpoint left).
     kwargs = {"wandb": {"name": folder.root.name, "dir": str(folder.logs)},

@@ -9,6 +9,8 @@ import os
 from html import escape
 from pathlib import Path
 
+from ..options import shareable
+
 THUMB = 512  # samples larger than this are shown scaled down (the PNG itself stays in samples/)
 STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .5em;font-size:.9em}
@@ -109,7 +111,7 @@ def differences(runs) -> str:
 
 
 def page(title: str, runs, figures: list[dict], rows: list[dict], out: Path, intro: str = "") -> str:
-    config = runs[0].config if len(runs) == 1 else {}
+    config = shareable(runs[0].config) if len(runs) == 1 else {}  # the page gets shared: names, not paths
     settings = ", ".join(f"{k}={v}" for k, v in config.items() if v not in (None, [], "")) if config else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title><style>{STYLE}</style></head>

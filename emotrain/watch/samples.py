@@ -18,6 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..disk.atomic import atomic_path
 from ..samplers import sampler
+from ..sdxl import CHUNK as CLIP_TOKENS, count_tokens
+from ..sources import model_name
 from .prompts import SamplePrompt
 
 def make_scheduler(name: str, config):
@@ -67,9 +69,42 @@ def on_device(modules, device):
             torch.cuda.empty_cache()  # what the sample took goes back to training
 
 
+def long_prompts(sdxl, prompts: list[SamplePrompt]) -> str | None:
+    """The warning for sample prompts the pipeline cuts (CLIP reads 75 tokens; samples do
+    not take --max-token-length), or None: said once, in our words, instead of the
+    tokenizer's "indexing errors will follow" (which is false: the pipeline truncates)."""
+    cut = []
+    for k, p in enumerate(prompts, 1):
+        for what, text in (("", p.prompt), (" (its negative prompt)", p.negative)):
+            n = count_tokens(sdxl.tokenizer, text) if text else 0
+            if n > CLIP_TOKENS:
+                excerpt = text if len(text) <= 40 else text[:37] + "..."
+                cut.append(f"prompt {k}{what} {excerpt!r} ({n} tokens)")
+    if not cut:
+        return None
+    return (f"{len(cut)} sample prompt(s) are longer than {CLIP_TOKENS} tokens and are cut to the first "
+            f"{CLIP_TOKENS} in the samples, e.g. {cut[0]}: shorten them")
+
+
+@contextmanager
+def _pipeline_quiet():
+    """The pipeline's own words on a long prompt (already said by ``long_prompts``)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
 def png_info(p: SamplePrompt, step: int, model: str) -> PngInfo:
     """The sample's settings as PNG text: one key each, plus A1111's ``parameters`` line
-    that image viewers and web UIs read."""
+    that image viewers and web UIs read. ``model``: a name, not a path (samples get shared)."""
     info = PngInfo()
     fields = {"prompt": p.prompt, "negative_prompt": p.negative, "seed": p.seed, "step": step,
               "sampler": p.sampler, "steps": p.steps, "cfg_scale": p.cfg, "width": p.width, "height": p.height,
@@ -104,11 +139,11 @@ def generate(run, prompts: list[SamplePrompt], step: int, folder) -> list:
                 schedulers[p.sampler] = make_scheduler(p.sampler, sdxl.noise_scheduler.config)
             pipe.scheduler = schedulers[p.sampler]
             generator = torch.Generator().manual_seed(p.seed)  # on the CPU: the same picture on any device
-            with accelerator.autocast():
+            with accelerator.autocast(), _pipeline_quiet():
                 image = pipe(prompt=p.prompt, negative_prompt=p.negative or None, width=p.width, height=p.height,
                              num_inference_steps=p.steps, guidance_scale=p.cfg, generator=generator).images[0]
             path = folder.sample(step, k)
             with atomic_path(path) as tmp:
-                image.save(tmp, format="PNG", pnginfo=png_info(p, step, str(sdxl.source)))
+                image.save(tmp, format="PNG", pnginfo=png_info(p, step, model_name(cfg.model)))
             out.append((path, image))
     return out

@@ -49,9 +49,11 @@ class Watch:
     def prepare(self, sdxl, data, progress) -> None:
         """Encode the validation images while the VAE is loaded; then free the VAE and
         frozen text encoders the loop does not need, or park them for the samples."""
-        from .samples import park_frozen
+        from .samples import long_prompts, park_frozen
 
         self.progress = progress
+        if self.prompts and (warning := long_prompts(sdxl, self.prompts)):  # needs the tokenizer: known now
+            progress.console.print(f"  warning: {warning}", markup=False, highlight=False)
         if self._held_out:
             with progress.task("encoding validation images", total=len(self._held_out)) as advance, \
                     training_rng_untouched():

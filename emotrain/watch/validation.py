@@ -52,7 +52,9 @@ def split_validation(cfg, scanned) -> tuple:
     folder's location; every repeat of a held-out image leaves the training set.
     ``--val-data DIR`` is scanned with --data's conventions."""
     if cfg.val_data:
-        val = scan_data(cfg.replace(data=cfg.val_data, reg_data=None, dataset_config=None))
+        val = scan_data(cfg.replace(data=cfg.val_data, reg_data=None, dataset_config=None),
+                        ("validate on (--val-data)", "add images with same-named caption files to that folder, "
+                         "or leave --val-data out"))
         return scanned, _distinct(val.entries)
     if not cfg.val_split:
         return scanned, []

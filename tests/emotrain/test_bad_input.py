@@ -65,9 +65,13 @@ PATH_CASES = {
     "caption-extension": ["", "txt", ".", NOT_UTF8],
     "caption-prefix": [NOT_UTF8],
     "keep-tokens-separator": ["", NOT_UTF8],
-    "val-data": ["", "{dir}/missing", "{file}", NOT_UTF8],
-    "sample-prompts": ["", "{dir}/missing.txt", "{dir}", "{bin_toml}", NOT_UTF8],
-    "sample-prompt": ["", " --w 64", "x --w abc", "x --q 1", NOT_UTF8],
+    "val-data": ["", "{dir}/missing", "{file}", NOT_UTF8, "{dir}"],
+    "sample-prompts": ["", "{dir}/missing.txt", "{dir}", "{bin_toml}", NOT_UTF8, "{nan_prompts}"],
+    "sample-prompt": ["", " --w 64", "x --w abc", "x --q 1", NOT_UTF8,
+                      # issue 15: numbers in ASCII digits, finite, in their option's range, each given once
+                      "x --s \u00b2", "x --d \u00b3", "x --w \u0661\u0662\u0668", f"x --d {2**70}", "x --d -1",
+                      "x --d " + "9" * 5000, "x --l nan", "x --l inf", "x --l 1e400", "x --l -1", "x --l 1_0",
+                      "x --w 99999", "x --s 1001", "x --s 2 --s 3"],
 }
 
 
@@ -91,11 +95,13 @@ def files(tmp_path_factory):
     (d / "nan.toml").write_text("lr = nan\n")
     (d / "infrank.toml").write_text("rank = inf\n")
     (d / "type.toml").write_text("shadow = 'yes'\n")
+    (d / "prompts.txt").write_text("a red circle --w 64\na blue square --l nan\n")
     return {"dir": str(d / "folder"), "folder_lora": str(d / "folder.safetensors"), "file": str(d / "file.txt"), "garbage": str(d / "garbage.safetensors"),
             "empty": str(d / "empty.safetensors"), "sd15": str(d / "sd15.safetensors"),
             "nan": str(d / "nan.safetensors"), "nokeys": str(d / "nokeys.safetensors"),
             "bin_toml": str(d / "bin.toml"), "bad_toml": str(d / "bad.toml"), "unknown_toml": str(d / "unknown.toml"),
-            "nan_toml": str(d / "nan.toml"), "inf_rank_toml": str(d / "infrank.toml"), "type_toml": str(d / "type.toml")}
+            "nan_toml": str(d / "nan.toml"), "inf_rank_toml": str(d / "infrank.toml"), "type_toml": str(d / "type.toml"),
+            "nan_prompts": str(d / "prompts.txt")}
 
 
 def assert_refused(result, where, written_before):
@@ -184,6 +190,19 @@ def test_bad_files_in_the_data_folder(tmp_path, monkeypatch):
     empty = tmp_path.parent / "data-none"
     empty.mkdir()
     cases.append(["--data", str(empty)])
+    # issue 15: an animated image and a link to the folder itself are data warnings: refused with --strict-data
+    def animated(d):
+        Image.new("RGB", (64, 64)).save(d / "b.webp", save_all=True, append_images=[Image.new("RGB", (64, 64), "blue")])
+        (d / "b.txt").write_text("black, then blue")
+
+    for name, make in [("animated", animated),
+                       ("looped", lambda d: (d / "5_again").symlink_to(d, target_is_directory=True))]:
+        d = tmp_path.parent / f"data-{name}"
+        d.mkdir()
+        Image.new("RGB", (64, 64), "red").save(d / "a.png")
+        (d / "a.txt").write_text("red")
+        make(d)
+        cases.append(["--data", str(d), "--strict-data"])
     run_cases(tmp_path, monkeypatch, cases)
 
 

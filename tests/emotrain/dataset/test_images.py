@@ -29,7 +29,7 @@ def _portrait_with_exif(path):
 
 
 def _pixels(path, target=(64, 64)):
-    width, height, _ = inspect_image(path)
+    width, height, *_ = inspect_image(path)
     pixels, mask = load_pixels(path, place(width, height, target[1], target[0]))
     return pixels, (width, height)
 

@@ -33,10 +33,16 @@ def test_kohya_prompt_line():
     ("a cat --w abc", "--w (width) must be a whole number"),
     ("a cat --w 1000", "multiples of 32"),
     ("a cat --q 3", "unknown option --q"),
-    ("a cat --l high", "--l (CFG scale) must be a number"),
+    ("a cat --l high", "--l (CFG scale) must be a finite number"),
     ("a cat --s 0", "steps must be 1 to 1000"),
     ("a cat --ss nosuch", "unknown sampler"),
     (" --w 512", "no prompt"),
+    ("a cat --s \u00b2", "--s (steps) must be a whole number written in digits 0-9"),
+    ("a cat --d 99999999999", "seed must be 0 to 4294967295"),
+    ("a cat --l nan", "--l (CFG scale) must be a finite number"),
+    ("a cat --l -0.5", "CFG scale must be 0 to 100"),
+    ("a cat --w 8224", "width must be 32 to 8192"),
+    ("a cat --n x --n y", "--n (negative prompt) is given twice"),
 ])
 def test_bad_prompt_lines(line, message):
     with pytest.raises(UserError, match="^where: .*" + message.replace("(", r"\(").replace(")", r"\)")):
