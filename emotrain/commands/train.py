@@ -80,9 +80,10 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
         from ..run.loop import train
         try:
             return train(cfg, resume=ckpt)
-        except KeyboardInterrupt:  # before the first step, or a second signal: no checkpoint of this moment
+        except KeyboardInterrupt as exc:  # before the first step, or a second signal: no checkpoint of this moment
             found = list_checkpoints(RunFolder(cfg.output).checkpoints)
-            stop = UserError("stopped at once: nothing of this moment was saved; " + (
+            by = f" by {exc.args[0]}" if exc.args else ""
+            stop = UserError(f"stopped at once{by}: nothing of this moment was saved; " + (
                 f"the last checkpoint is {found[-1]} (--resume {cfg.output} continues from it)" if found
                 else "there is no checkpoint yet"))
             stop.exit_code = 130
