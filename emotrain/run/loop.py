@@ -32,7 +32,7 @@ from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import record as records
 from .record import RunRecord
-from ..sdxl import encode_prompts, load_sdxl, resolve_model, unet_config
+from ..sdxl import encode_prompts, load_sdxl, resolve_model, time_ids, unet_config
 from .signals import StopRequests
 from ..watch.logs import accelerator_settings
 from ..watch.session import Watch
@@ -58,6 +58,7 @@ class Run:
     step: int = 0
     info: dict = field(default_factory=dict)
     history: dict | None = None  # the losses up to the checkpoint resumed from
+    lost: InputLost | None = None  # an input file gone in this step (a multi-process run stops at its end)
 
 
 def read_loras(cfg: TrainConfig) -> tuple:
@@ -165,9 +166,32 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     return run
 
 
+def stand_in_loss(run: Run, device) -> torch.Tensor:
+    """A zero loss through the trained models on a blank input: what a process whose input
+    file is gone trains on, so that its gradient collectives still meet the others'; the
+    step is then not taken (``optimizer_step``)."""
+    config = run.sdxl.unet.config
+    latents = torch.zeros(1, config.in_channels, 8, 8, device=device)
+    if run.cfg.train_text_encoders:
+        embeds, pooled = encode_prompts(run.sdxl, [""], device, run.cfg.max_token_length)
+    else:
+        embeds = torch.zeros(1, 77, config.cross_attention_dim, device=device)
+        pooled = torch.zeros(1, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,
+                             device=device)
+    ids = time_ids((64, 64), (0, 0), (64, 64))[None].to(device)
+    return 0 * run.objective.loss(run.models[0], run.sdxl.noise_scheduler, latents, embeds, pooled, ids,
+                                  torch.Generator().manual_seed(0))
+
+
 def micro_batch_loss(run: Run) -> torch.Tensor:
     indices = run.batches.next()
-    batch = run.data.batch(indices, run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    try:
+        batch = run.data.batch(indices, run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    except InputLost as lost:
+        if run.accelerator.num_processes == 1:
+            raise
+        run.lost = run.lost or lost  # the processes stop together at the step's end
+        return stand_in_loss(run, run.accelerator.device)
     embeds, pooled = batch.prompt_embeds, batch.pooled
     if embeds is None:  # captions change per draw, or the text encoders train
         embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
@@ -195,9 +219,13 @@ def optimizer_step(run: Run) -> float:
                 loss = micro_batch_loss(run)
                 accelerator.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
-        step_loss, stop = processes.agree(accelerator, torch.stack(losses).mean(), run.stops.requested is not None)
+        step_loss, stop = processes.agree(accelerator, torch.stack(losses).mean(),
+                                          run.stops.requested is not None or run.lost is not None)
+    if run.lost:
+        raise run.lost
     if stop:
-        raise Interrupted(run.stops.requested or "a signal to another process")
+        raise Interrupted(run.stops.requested or "a stop asked for by another process: a signal, or an input file "
+                          "gone there")
     if not math.isfinite(step_loss):
         raise NonFiniteLoss(step_loss)
     norm = accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
@@ -293,9 +321,11 @@ def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> Tra
         return TrainingStopped(f"interrupted at step {run.step} ({reason.args[0]}); {where}; continue with: "
                                f"emotrain sdxl-lora --resume {output}", "interrupted")
     if isinstance(reason, InputLost):
-        return TrainingStopped(f"stopped at step {run.step}: {reason.args[0]} (deleted or changed during training); "
+        stop = TrainingStopped(f"stopped at step {run.step}: {reason.args[0]} (deleted or changed during training); "
                                f"{where}; continue with: emotrain sdxl-lora --resume {output} (it encodes what is "
                                "missing again)", "stopped-input")
+        stop.alone = True  # the process that lost it says so, whatever its rank
+        return stop
     return TrainingStopped(f"loss became {reason.args[0]} at step {run.step + 1}: stopped; the last good state is "
                            f"{where} (--resume {output} continues from it; if the run diverged, start again with "
                            "a lower --lr)", "stopped-nan")

@@ -87,5 +87,5 @@ class RemovingSGD(PlainSGD):
         done = f"{self.path}.removed"
         if self.steps == self.at and not os.path.exists(done):
             import shutil
-            shutil.rmtree(self.path)
+            shutil.rmtree(self.path, ignore_errors=True)  # every process of a run removes it
             open(done, "w").close()
