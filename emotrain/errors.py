@@ -33,7 +33,8 @@ class Interrupted(Exception):
 
 class InputLost(Exception):
     """An input file read during training (an encoded-data cache file, an image cropped
-    per draw) is gone or damaged (``args[0]``: which, and why): the step is not taken."""
+    per draw) is gone or damaged (``args[0]``: which, and why; ``args[1]``, if given: what
+    to do before resuming): the step is not taken."""
 
 
 class PeerLost(Exception):

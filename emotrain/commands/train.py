@@ -15,6 +15,7 @@ from ..disk.tidy import clean_leftovers
 from ..disk.verify import choose_checkpoint, problem, read_meta, step_folders
 from ..errors import UserError
 from ..run import processes
+from ..run.signals import StopRequests
 
 
 def resume_config(path: str, overrides: dict):
@@ -77,8 +78,9 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
             notes += [lock.message(), clean_leftovers(cfg.output)]
             for note in filter(None, notes):
                 print(note, file=sys.stderr)
-        from ..run.loop import train
         try:
+            with StopRequests():  # a signal while torch loads (before train() takes them): one line, lock released
+                from ..run.loop import train
             return train(cfg, resume=ckpt)
         except KeyboardInterrupt as exc:  # before the first step, or a second signal: no checkpoint of this moment
             found = list_checkpoints(RunFolder(cfg.output).checkpoints)

@@ -109,7 +109,8 @@ class TrainingData:
         except UserError:  # the image (or its mask) changed or went away since the start
             gone = next((p for p in (entry.example.image, entry.example.mask) if p and not p.is_file()), None)
             raise InputLost(f"image {gone} is gone" if gone else
-                            f"image {entry.example.image} (or its mask) changed and cannot be read") from None
+                            f"image {entry.example.image} (or its mask) changed and cannot be read",
+                            "put it back as it was") from None
         latents = encode_images(self.vae, pixels[None].to(self.device), generator)[0]
         return latents, None if mask is None else latent_mask(mask), crop
 

@@ -321,9 +321,11 @@ def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> Tra
         return TrainingStopped(f"interrupted at step {run.step} ({reason.args[0]}); {where}; continue with: "
                                f"emotrain sdxl-lora --resume {output}", "interrupted")
     if isinstance(reason, InputLost):
-        stop = TrainingStopped(f"stopped at step {run.step}: {reason.args[0]} (deleted or changed during training); "
-                               f"{where}; continue with: emotrain sdxl-lora --resume {output} (it encodes what is "
-                               "missing again)", "stopped-input")
+        what, *before = reason.args  # a cache file is encoded again on resume; an image must come back first
+        stop = TrainingStopped(f"stopped at step {run.step}: {what} (deleted or changed during training); {where}; "
+                               + (f"{before[0]}, then continue with: emotrain sdxl-lora --resume {output}" if before
+                                  else f"continue with: emotrain sdxl-lora --resume {output} (it encodes what is "
+                                       "missing again)"), "stopped-input")
         stop.alone = True  # the process that lost it says so, whatever its rank
         return stop
     return TrainingStopped(f"loss became {reason.args[0]} at step {run.step + 1}: stopped; the last good state is "
