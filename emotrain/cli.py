@@ -80,7 +80,7 @@ def _fail(exc: Exception) -> None:
     rank = processes.rank()
     if rank == 0:
         typer.echo(f"error: {exc}", err=True)
-    elif not hasattr(exc, "status"):
+    elif not hasattr(exc, "status") or getattr(exc, "alone", False):  # alone: a survivor of a lost process
         typer.echo(f"error [process {rank}]: {exc}", err=True)
     raise typer.Exit(getattr(exc, "exit_code", 2))
 

@@ -31,5 +31,16 @@ class Interrupted(Exception):
     """A stop the user asked for (the signal's name in ``args[0]``), inside a step."""
 
 
+class InputLost(Exception):
+    """An input file read during training (an encoded-data cache file, an image cropped
+    per draw) is gone or damaged (``args[0]``: which, and why; ``args[1]``, if given: what
+    to do before resuming): the step is not taken."""
+
+
+class PeerLost(Exception):
+    """Another process of a multi-process run is gone (killed, crashed): a collective
+    failed (``args[0]``: which process, as far as this one can tell)."""
+
+
 class NonFiniteLoss(Exception):
     """A step's loss was nan or inf (the value in ``args[0]``): the step is not taken."""

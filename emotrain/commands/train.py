@@ -21,6 +21,7 @@ from ..disk.verify import choose_checkpoint, problem, read_meta, step_folders
 from ..errors import UserError
 from ..lora.formats import FORMATS
 from ..run import processes
+from ..run.signals import StopRequests
 
 
 def resume_config(path: str, overrides: dict):
@@ -132,12 +133,14 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
             notes += [clean_leftovers(cfg.output), incomplete_checkpoints(cfg.output) if ckpt else None]
             for note in filter(None, notes):
                 print(note, file=sys.stderr)
-        from ..run.loop import train
         try:
+            with StopRequests():  # a signal while torch loads (before train() takes them): one line, lock released
+                from ..run.loop import train
             return train(cfg, resume=ckpt)
-        except KeyboardInterrupt:  # before the first step, or a second signal: no checkpoint of this moment
+        except KeyboardInterrupt as exc:  # before the first step, or a second signal: no checkpoint of this moment
             found = list_checkpoints(RunFolder(cfg.output).checkpoints)
-            stop = UserError("stopped at once: nothing of this moment was saved; " + (
+            by = f" by {exc.args[0]}" if exc.args else ""
+            stop = UserError(f"stopped at once{by}: nothing of this moment was saved; " + (
                 f"the last checkpoint is {found[-1]} (--resume {cfg.output} continues from it)" if found
                 else "there is no checkpoint yet"))
             stop.exit_code = 130

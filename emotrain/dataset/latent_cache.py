@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..disk.atomic import atomic_path, write_text
-from ..errors import UserError
+from ..errors import InputLost, UserError
 from .cache_folder import check_folder
 
 VERSION = 1  # bump when what a key stands for changes
@@ -149,14 +149,17 @@ class Cache:
                 meta = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise Damaged(f"{handle}: {exc}") from None
+            if not Path(handle).is_file():
+                raise Damaged("is gone") from None
+            raise Damaged(f"is unreadable ({type(exc).__name__})") from None
         if (key is not None and meta.get("key") != key) or meta.get("checksum") != _checksum(tensors):
-            raise Damaged(f"{handle}: key or checksum does not match")
+            raise Damaged("does not match its key or checksum")
         return tensors
 
     def load(self, handle) -> dict[str, torch.Tensor]:
-        """Read during training: damage now (after the start checked it) ends the run."""
+        """Read during training: a file gone or damaged since the start checked it (the
+        cache deleted or cleaned) stops the run at the step (the loop saves a checkpoint)."""
         try:
             return self.read(handle)
         except Damaged as exc:
-            raise UserError(f"cache file {exc} changed during training: resume the run to encode it again") from None
+            raise InputLost(f"cache file {handle} {exc}") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..disk.atomic import write_text
+from ..errors import InputLost, UserError
 from ..sdxl import encode_images, time_ids
 from .buckets import Placement
 from .captions import draw_caption, fixed_caption
@@ -102,8 +103,14 @@ class TrainingData:
             tensors = self.cache.load(item.latents[flip])
             return tensors["latents"], tensors.get("mask"), place.crop
         crop = (draws.integer(place.scaled[0] - place.target[0]), draws.integer(place.scaled[1] - place.target[1]))
-        pixels, mask = load_pixels(entry.example.image, place, crop=crop, flip=flip, mask=subset.alpha_mask,
-                                   mask_file=entry.example.mask)
+        try:
+            pixels, mask = load_pixels(entry.example.image, place, crop=crop, flip=flip, mask=subset.alpha_mask,
+                                       mask_file=entry.example.mask)
+        except UserError:  # the image (or its mask) changed or went away since the start
+            gone = next((p for p in (entry.example.image, entry.example.mask) if p and not p.is_file()), None)
+            raise InputLost(f"image {gone} is gone" if gone else
+                            f"image {entry.example.image} (or its mask) changed and cannot be read",
+                            "put it back as it was") from None
         latents = encode_images(self.vae, pixels[None].to(self.device), generator)[0]
         return latents, None if mask is None else latent_mask(mask), crop
 

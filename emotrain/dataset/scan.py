@@ -1,6 +1,7 @@
 """From folders to the draws of an epoch: images with their captions, repeats,
 regularization images paired as sd-scripts pairs them, buckets, and every data warning.
-Reads image headers only (sizes, orientation, transparency); nothing is decoded."""
+Reads image headers (sizes, orientation, transparency); ``scan_data`` then decodes each
+file once (decoded.py)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,10 @@ def scan_subset(subset: Subset, problems: Problems) -> list[Example]:
             caption = subset.class_tokens or ""
         mask = image.with_name(image.stem + MASK_SUFFIX)
         mask = mask if subset.alpha_mask and mask.is_file() else None
+        if mask is not None and inspect_image(mask)[:2] != (width, height):
+            mask_width, mask_height, _ = inspect_image(mask)
+            raise UserError(f"mask {mask} is {mask_width}x{mask_height} but its image is {width}x{height}: make "
+                            "them the same size")
         if subset.alpha_mask and not alpha and mask is None:
             problems.add("no_mask", image)
         if alpha and not subset.alpha_mask:
@@ -235,6 +240,8 @@ def summary_lines(summary: dict, problems: Problems) -> list[str]:
 def scan_data(cfg, purpose: tuple[str, str] = TRAINING) -> Scanned:
     """A run's data (--dataset-config, or --data and --reg-data) scanned; with
     --strict-data a warning stops here, before any model loads."""
+    from .cache_folder import cache_folder
+    from .decoded import check_decodable
     from .demo import resolve_data
     from .from_options import specs_from_options
 
@@ -243,4 +250,6 @@ def scan_data(cfg, purpose: tuple[str, str] = TRAINING) -> Scanned:
     roots = () if cfg.dataset_config else tuple(p for p in (data, reg) if p)
     scanned = scan_datasets(specs_from_options(cfg, data), cfg.max_upscale, roots, purpose)
     scanned.problems.enforce(cfg.strict_data)
+    files = [f for e in scanned.entries for f in (e.example.image, e.example.mask) if f is not None]
+    check_decodable(files, cache_folder(cfg))  # a truncated file: found here, before the model loads
     return scanned

@@ -149,7 +149,7 @@ def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_schedule
         raise UserError(f"checkpoint {path}: its optimizer state does not fit this run ({str(exc)[:100]}): resume "
                         "with the checkpoint's own config") from None
     noise_states = state.get("noise_generators") or [state["noise_generator"]]
-    meta["noise_restored"] = rank < len(noise_states)
+    meta["noise_restored"] = rank < len(noise_states) and noise_states[rank] is not None  # None: a lost process's
     if meta["noise_restored"]:
         noise_generator.set_state(noise_states[rank])
     set_rng_state(state["rng"])

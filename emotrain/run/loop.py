@@ -21,7 +21,7 @@ from ..config import TrainConfig
 from ..dataset.encode import prepare_data
 from ..dataset.loader import TrainingData
 from ..dataset.scan import scan_data
-from ..errors import Interrupted, NonFiniteLoss, NonFiniteState, TrainingStopped, UserError
+from ..errors import InputLost, Interrupted, NonFiniteLoss, NonFiniteState, PeerLost, TrainingStopped, UserError
 from ..disk.layout import RunFolder
 from ..lora.formats import FORMATS, load_lora_file
 from ..lora.inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
@@ -32,7 +32,7 @@ from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import record as records
 from .record import RunRecord
-from ..sdxl import encode_prompts, load_sdxl, resolve_model, unet_config
+from ..sdxl import encode_prompts, load_sdxl, resolve_model, time_ids, unet_config
 from .signals import StopRequests
 from ..watch.logs import accelerator_settings
 from ..watch.session import Watch
@@ -58,6 +58,7 @@ class Run:
     step: int = 0
     info: dict = field(default_factory=dict)
     history: dict | None = None  # the losses up to the checkpoint resumed from
+    lost: InputLost | None = None  # an input file gone in this step (a multi-process run stops at its end)
 
 
 def read_loras(cfg: TrainConfig) -> tuple:
@@ -165,9 +166,32 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     return run
 
 
+def stand_in_loss(run: Run, device) -> torch.Tensor:
+    """A zero loss through the trained models on a blank input: what a process whose input
+    file is gone trains on, so that its gradient collectives still meet the others'; the
+    step is then not taken (``optimizer_step``)."""
+    config = run.sdxl.unet.config
+    latents = torch.zeros(1, config.in_channels, 8, 8, device=device)
+    if run.cfg.train_text_encoders:
+        embeds, pooled = encode_prompts(run.sdxl, [""], device, run.cfg.max_token_length)
+    else:
+        embeds = torch.zeros(1, 77, config.cross_attention_dim, device=device)
+        pooled = torch.zeros(1, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,
+                             device=device)
+    ids = time_ids((64, 64), (0, 0), (64, 64))[None].to(device)
+    return 0 * run.objective.loss(run.models[0], run.sdxl.noise_scheduler, latents, embeds, pooled, ids,
+                                  torch.Generator().manual_seed(0))
+
+
 def micro_batch_loss(run: Run) -> torch.Tensor:
     indices = run.batches.next()
-    batch = run.data.batch(indices, run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    try:
+        batch = run.data.batch(indices, run.noise, step=run.step + 1)  # per-draw choices from run.noise
+    except InputLost as lost:
+        if run.accelerator.num_processes == 1:
+            raise
+        run.lost = run.lost or lost  # the processes stop together at the step's end
+        return stand_in_loss(run, run.accelerator.device)
     embeds, pooled = batch.prompt_embeds, batch.pooled
     if embeds is None:  # captions change per draw, or the text encoders train
         embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
@@ -185,18 +209,23 @@ def optimizer_step(run: Run) -> float:
     update, on every process alike."""
     cfg, accelerator = run.cfg, run.accelerator
     losses = []
-    for micro in range(cfg.grad_accum):
-        with ExitStack() as context:
-            if micro < cfg.grad_accum - 1:  # gradients are synchronised once, on the last one
-                for model in run.models:
-                    context.enter_context(accelerator.no_sync(model))
-            context.enter_context(accelerator.autocast())
-            loss = micro_batch_loss(run)
-            accelerator.backward(loss / cfg.grad_accum)
-        losses.append(loss.detach())
-    step_loss, stop = processes.agree(accelerator, torch.stack(losses).mean(), run.stops.requested is not None)
+    with processes.collectives():  # a process gone: PeerLost
+        for micro in range(cfg.grad_accum):
+            with ExitStack() as context:
+                if micro < cfg.grad_accum - 1:  # gradients are synchronised once, on the last one
+                    for model in run.models:
+                        context.enter_context(accelerator.no_sync(model))
+                context.enter_context(accelerator.autocast())
+                loss = micro_batch_loss(run)
+                accelerator.backward(loss / cfg.grad_accum)
+            losses.append(loss.detach())
+        step_loss, stop = processes.agree(accelerator, torch.stack(losses).mean(),
+                                          run.stops.requested is not None or run.lost is not None)
+    if run.lost:
+        raise run.lost
     if stop:
-        raise Interrupted(run.stops.requested or "a signal to another process")
+        raise Interrupted(run.stops.requested or "a stop asked for by another process: a signal, or an input file "
+                          "gone there")
     if not math.isfinite(step_loss):
         raise NonFiniteLoss(step_loss)
     norm = accelerator.clip_grad_norm_(list(run.named_params.values()), cfg.max_grad_norm) if cfg.max_grad_norm else None
@@ -214,7 +243,8 @@ def save(run: Run, history: dict, data_state: dict | None = None, noise_state: t
     Every process holds the same LoRA and optimizer state (its own noise stream); the main
     one writes them all. A state holding nan/inf is refused on every process alike."""
     folder = RunFolder(run.cfg.output)
-    noise_states = processes.gather(run.accelerator, run.noise.get_state() if noise_state is None else noise_state)
+    with processes.collectives():
+        noise_states = processes.gather(run.accelerator, run.noise.get_state() if noise_state is None else noise_state)
     optimizer = run.optimizer.optimizer
     bad = checkpoint.non_finite(run.named_params, optimizer.state_dict())
     if bad:
@@ -222,12 +252,18 @@ def save(run: Run, history: dict, data_state: dict | None = None, noise_state: t
         raise NonFiniteState(f"the training state holds nan or inf ({bad}) at step {run.step}: not saved; "
                                         + (f"the last good checkpoint is {found[-1]}" if found else
                                            "there is no earlier checkpoint") + "; start again with a lower --lr")
-    run.accelerator.wait_for_everyone()
+    with processes.collectives():
+        run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return folder.checkpoint(run.step)
+    return write_checkpoint(run, history, data_state, noise_states)
+
+
+def write_checkpoint(run: Run, history: dict, data_state: dict | None, noise_states: list) -> Path:
+    folder = RunFolder(run.cfg.output)
     try:
         return checkpoint.save_checkpoint(
-            folder.checkpoints, step=run.step, named_params=run.named_params, optimizer=optimizer,
+            folder.checkpoints, step=run.step, named_params=run.named_params, optimizer=run.optimizer.optimizer,
             lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
             data_state=data_state or run.batches.state_dict(), noise_state=noise_states, config=run.cfg.to_dict(),
             info={"versions": run.info["versions"], "processes": run.accelerator.num_processes, "history": history},
@@ -237,6 +273,40 @@ def save(run: Run, history: dict, data_state: dict | None = None, noise_state: t
         raise UserError(f"could not write checkpoint {folder.checkpoint(run.step)} ({exc}): free space or fix the "
                         "disk, then --resume " + str(folder.root) + (f" (from {found[-1].name})" if found else "")) \
             from None
+
+
+def save_or_survive(run: Run, record: RunRecord) -> Path:
+    try:
+        return save(run, record.history())
+    except PeerLost as lost:
+        raise survived(run, record, lost, (None, None)) from None
+
+
+def survived(run: Run, record: RunRecord, lost: PeerLost, start: tuple) -> TrainingStopped:
+    """Another process is gone: this one saves its own replica (without the lost noise
+    streams) as the checkpoint of the step it was on, unless all saved that step together
+    already; then it speaks for the run, and stops."""
+    data_state, noise_state = start
+    noise_states = [None] * run.accelerator.num_processes
+    noise_states[run.accelerator.process_index] = run.noise.get_state() if noise_state is None else noise_state
+    done = RunFolder(run.cfg.output).checkpoint(run.step)
+    bad = checkpoint.non_finite(run.named_params, run.optimizer.optimizer.state_dict())
+    try:
+        if done in checkpoint.list_checkpoints(done.parent):
+            where = f"checkpoint {done}"
+        elif bad:
+            where = f"the training state holds nan or inf ({bad}): not saved"
+        else:
+            where = ("this process saved its replica as checkpoint "
+                     f"{write_checkpoint(run, record.history(), data_state, noise_states)}")
+    except UserError as exc:
+        where = str(exc)
+    record.enabled, record.outcome = True, {"checkpoint": where}  # the survivor writes run.json
+    stop = TrainingStopped(f"{lost.args[0]} of {run.accelerator.num_processes} is gone (killed or crashed) at step "
+                           f"{run.step}; {where}; continue with: accelerate launch ... emotrain sdxl-lora --resume "
+                           f"{run.cfg.output}", "stopped-process")
+    stop.alone = True  # said by this process, whatever its rank (cli.py)
+    return stop
 
 
 def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> TrainingStopped:
@@ -250,6 +320,14 @@ def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> Tra
     if isinstance(reason, Interrupted):
         return TrainingStopped(f"interrupted at step {run.step} ({reason.args[0]}); {where}; continue with: "
                                f"emotrain sdxl-lora --resume {output}", "interrupted")
+    if isinstance(reason, InputLost):
+        what, *before = reason.args  # a cache file is encoded again on resume; an image must come back first
+        stop = TrainingStopped(f"stopped at step {run.step}: {what} (deleted or changed during training); {where}; "
+                               + (f"{before[0]}, then continue with: emotrain sdxl-lora --resume {output}" if before
+                                  else f"continue with: emotrain sdxl-lora --resume {output} (it encodes what is "
+                                       "missing again)"), "stopped-input")
+        stop.alone = True  # the process that lost it says so, whatever its rank
+        return stop
     return TrainingStopped(f"loss became {reason.args[0]} at step {run.step + 1}: stopped; the last good state is "
                            f"{where} (--resume {output} continues from it; if the run diverged, start again with "
                            "a lower --lr)", "stopped-nan")
@@ -271,7 +349,12 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
     progress = TrainProgress(cfg.steps, every=cfg.progress_every)
     progress.enabled(processes.is_local_main())  # one process of a multi-GPU run speaks
     with StopRequests() as stops:  # Ctrl-C and SIGTERM: a checkpoint, then a message (signals.py)
-        run = prepare(cfg, resume, progress, stops)
+        try:
+            with processes.collectives():
+                run = prepare(cfg, resume, progress, stops)
+        except PeerLost as lost:
+            raise UserError(f"{lost.args[0]} of {processes.world_size()} is gone (killed or crashed) before training "
+                            "began: nothing to save; start the run again") from None
         optimizer = run.optimizer.optimizer
         run.info.update(config=cfg.to_dict(), started_at=time.time())
         main = run.accelerator.is_main_process
@@ -285,17 +368,19 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                     start = run.batches.state_dict(), run.noise.get_state()
                     try:
                         loss = optimizer_step(run)
-                    except (Interrupted, NonFiniteLoss) as reason:
+                    except (Interrupted, NonFiniteLoss, InputLost) as reason:
                         raise stopped(run, record, reason, start) from None
+                    except PeerLost as lost:
+                        raise survived(run, record, lost, start) from None
                     run.step += 1
                     record.add(loss, optimizer.emotion.s if takes_loss(optimizer) else None)
                     progress.update(run.step, loss, record.emotion[-1], run.lr_scheduler.get_last_lr()[0])
                     run.watch.after_step(run, loss)  # logs; validation and samples when due
                     if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
-                        save(run, record.history())
+                        save_or_survive(run, record)
 
             elapsed = time.perf_counter() - started
-            final = save(run, record.history())
+            final = save_or_survive(run, record)
             run.trace.params(run.step, run.named_params)
             summary = {"steps": run.step, "steps_this_run": run.step - first_step, "seconds": elapsed,
                        "steps_per_second": (run.step - first_step) / elapsed if elapsed else None,

@@ -18,6 +18,10 @@ set up).
 - Encoding: with the disk cache (the default) the main process encodes and the others
   load its files (loop.py: ``main_process_first``), so an image goes through the VAE
   (and text encoders) once, not once per GPU; with --no-disk-cache each process encodes.
+- A process killed (or crashed): the others find out in their next collective, which
+  fails (``lost_peer``). Each holds the full LoRA and optimizer state, so a survivor saves
+  its own replica as the checkpoint of the step it was on, without the dead process's
+  noise stream (a resume from it continues, not bit-identically), and stops.
 - ``EMOTRAIN_TRACE=1``: each process writes ``trace-rank-N.jsonl`` into the output folder
   (per micro-batch the images it trained on and its own loss, at the end a checksum of its
   LoRA), to check a multi-GPU set-up.
@@ -28,8 +32,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 
 from ..disk.layout import RunFolder
+from ..errors import PeerLost
 
 NOISE_SEED_STRIDE = 1_000_003
 
@@ -71,6 +77,35 @@ def agree(accelerator, loss, stop_requested: bool) -> tuple[float, bool]:
                         torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)])
     total = accelerator.reduce(both, reduction="sum")
     return (total[0] / accelerator.num_processes).item(), bool(total[1] > 0)
+
+
+# What gloo and NCCL say when the other end of a collective is gone.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted", "Socket Timeout")
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """Which process a failed collective lost ("process 1", or "another process" with
+    more than two), or None when ``exc`` is not a collective failing for a lost peer."""
+    if world_size() == 1 or not isinstance(exc, RuntimeError):
+        return None
+    import torch.distributed as dist
+    if not (isinstance(exc, getattr(dist, "DistBackendError", ())) or any(s in str(exc) for s in LOST_PEER)):
+        return None
+    return f"process {1 - rank()}" if world_size() == 2 else "another process"
+
+
+@contextmanager
+def collectives():
+    """Around code that talks to the other processes: a collective that fails because a
+    process is gone raises ``PeerLost``; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:
+        peer = lost_peer(exc)
+        if peer is None:
+            raise
+        raise PeerLost(peer) from None
 
 
 def gather(accelerator, value) -> list:

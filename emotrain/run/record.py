@@ -3,7 +3,8 @@
 It holds the whole loss and emotion history: a checkpoint carries the history up to its
 step, so a resumed run's run.json continues it rather than starting over. The status is
 written on every way out: ``finished``, ``interrupted`` (Ctrl-C, SIGTERM), ``stopped-nan``
-(the loss or the training state became non-finite) or ``error`` (with the message).
+(the loss or the training state became non-finite), ``stopped-input`` (an input file
+went away during training) or ``error`` (with the message).
 Only the main process writes. Also here: the package versions, the measured memory, and
 the training notes a LoRA file's header carries (``training_metadata``).
 """

@@ -62,7 +62,13 @@ def log_images(accelerator, images: dict, step: int) -> None:
 
 
 def finish_trackers(accelerator) -> None:
+    """Finish the trackers that started; one whose start a signal cut short (accelerate
+    lists it before it starts) has nothing to finish."""
     for tracker in accelerator.trackers:
+        try:
+            tracker.tracker  # what start() creates (TensorBoard's writer, wandb's run)
+        except AttributeError:
+            continue
         tracker.finish()
     accelerator.trackers.clear()
 

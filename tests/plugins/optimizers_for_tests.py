@@ -72,3 +72,20 @@ class FailingSGD(PlainSGD):
     def during(self, step, index):
         if step == self.at:
             raise RuntimeError("the optimizer broke")
+
+
+class RemovingSGD(PlainSGD):
+    """After update ``at``, removes ``path`` (a folder: the encoded-data cache, say), once:
+    a resumed run leaves it."""
+
+    def __init__(self, params, lr=1e-3, at=2, path=""):
+        super().__init__(params, lr)
+        self.at, self.path = at, path
+
+    def step(self, closure=None):
+        super().step(closure)
+        done = f"{self.path}.removed"
+        if self.steps == self.at and not os.path.exists(done):
+            import shutil
+            shutil.rmtree(self.path, ignore_errors=True)  # every process of a run removes it
+            open(done, "w").close()

@@ -100,3 +100,28 @@ def test_a_stop_and_resume_under_two_processes_is_bit_exact(straight, tmp_path):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     run = json.loads((out / "run.json").read_text())
     assert run["losses"] == json.loads((straight[0] / "run.json").read_text())["losses"]
+
+
+def test_the_survivor_of_a_killed_process_saves_its_replica_and_the_run_resumes(tmp_path):
+    import psutil
+
+    out = tmp_path / "killed"
+    proc = launch(*FAST, "--optim", "emoairy", "--steps", "6", "--save-every", "0", "--output", out, trace=True)
+    deadline = time.time() + 300
+    while not (out / "trace-rank-0.jsonl").exists() or len(trace(out, 0)) < 2:  # two steps trained
+        assert proc.poll() is None and time.time() < deadline, finish(proc)[1]
+        time.sleep(0.05)
+    main = next(p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "0")
+    main.kill()  # the main process, which holds the lock and writes run.json: the survivor does it
+    code, output = finish(proc)
+    lines = [line for line in output.splitlines() if line.startswith("error")]
+    assert code != 0 and len(lines) == 1 and "[rank1]" not in output, output
+    assert lines[0].startswith("error [process 1]: process 0 of 2 is gone (killed or crashed) at step ")
+    ckpt = Path(lines[0].split("saved its replica as checkpoint ")[1].split(";")[0])
+    assert ckpt.parent == out / "checkpoints" and (ckpt / "trainable.safetensors").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "stopped-process" and len(run["losses"]) == int(ckpt.name.split("-")[1])
+    code, output = finish(launch("--resume", out))
+    assert code == 0 and f"resumed from {ckpt}" in output and "not bit-identically" in output, output
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["steps"] == len(run["losses"]) == 6
