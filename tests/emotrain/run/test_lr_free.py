@@ -173,3 +173,48 @@ def test_vram_plans_what_they_allocate():
     # zero); schedule-free: z and exp_avg_sq.
     assert m["optimizers"]["adamw-schedulefree"]["planned_state_bytes"] == 2 * lora
     assert 3 * lora < m["optimizers"]["prodigy"]["planned_state_bytes"] < 4 * lora
+
+
+def test_schedule_free_evaluation_leaves_the_training_exact():
+    """Without a model: evaluating (validation, samples) and a checkpoint written and read
+    back through torch.load(weights_only=True) never change where training goes."""
+    import io
+
+    from emotrain.optimizers import evaluation_point, restore_train_point
+
+    def make():
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        return params, build_optimizer("adamw-schedulefree", params, 1e-2, warmup_steps=2)
+
+    def step(params, opt, k):
+        g = torch.Generator().manual_seed(k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        opt.zero_grad()
+
+    (a, opt_a), (b, opt_b), (c, opt_c) = make(), make(), make()
+    for k in range(6):
+        step(a, opt_a, k), step(b, opt_b, k)
+    y = [p.detach().clone() for p in a]
+    with evaluation_point(opt_a):
+        beta1 = opt_a.param_groups[0]["betas"][0]
+        for p, y_, z in zip(a, y, (opt_a.state[p]["z"] for p in a)):
+            assert torch.allclose(p, (y_ - (1 - beta1) * z) / beta1, rtol=0, atol=1e-7)  # the average x
+            assert not torch.allclose(p, y_, rtol=0, atol=1e-4)
+    assert all(torch.equal(p, y_) for p, y_ in zip(a, y))
+    with evaluation_point(opt_b, keep_train_point=True):
+        buffer = io.BytesIO()
+        torch.save({"optimizer": opt_b.state_dict(), "weights": [p.detach().clone() for p in b]}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    with torch.no_grad():
+        for p, w in zip(c, saved["weights"]):
+            p.copy_(w)
+    opt_c.load_state_dict(saved["optimizer"])
+    restore_train_point(opt_c)
+    for k in range(6, 10):
+        step(a, opt_a, k), step(c, opt_c, k)
+    assert all(torch.equal(p, q) for p, q in zip(a, c))
+    assert all(torch.equal(opt_a.state[p]["z"], opt_c.state[q]["z"]) for p, q in zip(a, c))
