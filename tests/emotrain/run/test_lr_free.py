@@ -201,7 +201,7 @@ def test_schedule_free_evaluation_leaves_the_training_exact():
     with evaluation_point(opt_a):
         beta1 = opt_a.param_groups[0]["betas"][0]
         for p, y_, z in zip(a, y, (opt_a.state[p]["z"] for p in a)):
-            assert torch.allclose(p, (y_ - (1 - beta1) * z) / beta1, rtol=0, atol=1e-7)  # the average x
+            assert torch.allclose(p, (y_ - (1 - beta1) * z) / beta1, rtol=0, atol=1e-6)  # the average x
             assert not torch.allclose(p, y_, rtol=0, atol=1e-4)
     assert all(torch.equal(p, y_) for p, y_ in zip(a, y))
     with evaluation_point(opt_b, keep_train_point=True):
