@@ -14,7 +14,7 @@ from .dataset import check_options as check_data_options
 from .dataset.kohya_config import toml_value
 from .errors import UserError
 from .lora.formats import resolve_lora_file
-from .optimizers import parse_optim_args
+from .optimizers import DEFAULT_LR, parse_optim_args, schedule_problem
 from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
 from .sources import check_model, tiny_seed
 from .watch.checks import check_watch_options
@@ -105,6 +105,8 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
         parse_optim_args(cfg.optim_args)  # key=value form and finite numbers; the optimizer checks the rest
     except UserError as exc:
         bad("optim_args", exc)
+    if schedule_problem(cfg.optim, cfg.lr_scheduler):
+        bad("lr_scheduler", schedule_problem(cfg.optim, cfg.lr_scheduler))
     if cfg.warmup_steps > cfg.steps:
         bad("warmup_steps", f"{cfg.warmup_steps} is more than --steps {cfg.steps}: the LR would never reach --lr; "
             "lower --warmup-steps")
@@ -203,8 +205,13 @@ def given_values(preset: str | None, overrides: dict | None) -> dict:
 
 def resolve_config(preset: str | None = None, overrides: dict | None = None, needs_data: bool = True,
                    defaults: dict | None = None) -> TrainConfig:
-    """The declared defaults (or ``defaults``), then the preset, then the command line."""
-    cfg = TrainConfig(**{**(defaults or {}), **given_values(preset, overrides)})
+    """The declared defaults (or ``defaults``), then the preset, then the command line;
+    an optimizer with a learning rate of its own (Prodigy: 1.0) has it unless one is given."""
+    given = given_values(preset, overrides)
+    optim = given.get("optim", (defaults or {}).get("optim", BY_NAME["optim"].default))
+    if "lr" not in given and optim in DEFAULT_LR:
+        given["lr"] = DEFAULT_LR[optim]
+    cfg = TrainConfig(**{**(defaults or {}), **given})
     validate(cfg, needs_data=needs_data)
     return cfg
 

@@ -176,7 +176,8 @@ OPTIONS: tuple[Option, ...] = (
        default_text="the alpha", positive=True),
     _o("train_text_encoders", bool, False, "Give both text encoders a LoRA too.", "LoRA", memory=True),
     # -- optimizer -----------------------------------------------------------------------
-    _o("optim", str, "emoairy", "emosens, emoairy, emocats, adamw, adamw8bit, adafactor, lion, or package.module.Class.",
+    _o("optim", str, "emoairy", "emosens, emoairy, emocats, adamw, adamw8bit, adafactor, lion, prodigy (lr 1.0 by "
+       "default), adamw-schedulefree, or package.module.Class.",
        "Optimizer", choices=OPTIMIZER_NAMES, choice_word="optimizer", memory=True),
     _o("shadow", bool, False, "The Emo shadow-system (one parameter-sized buffer).", "Optimizer", memory=True),
     _o("optim_args", list, [], "Optimizer keyword arguments key=value (repeatable, or several in one quoted string).",
@@ -190,7 +191,8 @@ OPTIONS: tuple[Option, ...] = (
     _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, maximum=4096, memory=True),
     _o("grad_accum", int, 1, "Micro-batches per optimizer step.", "Schedule", minimum=1, maximum=MAX_COUNT),
     _o("lr_scheduler", str, "constant", "LR schedule.", "Schedule", choices=LR_SCHEDULERS, choice_word="scheduler"),
-    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule.", "Schedule", minimum=0, maximum=MAX_COUNT),
+    _o("warmup_steps", int, 0, "Warm-up steps of the LR schedule (adamw-schedulefree: its own warm-up).", "Schedule",
+       minimum=0, maximum=MAX_COUNT),
     _o("seed", int, 42, "Seed of the LoRA init, data order and noise.", "Schedule", minimum=0,
        maximum=2**32 - 1),
     # -- loss ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..disk.checkpoint import list_checkpoints
 from ..config import TrainConfig, given_values, resolve_config
 from ..errors import TrainingStopped, UserError
 from ..disk.layout import RunFolder, shown, sweep_run_name
-from ..optimizers import EMO
+from ..optimizers import DEFAULT_LR, EMO
 from ..options import BY_NAME, RESUMABLE
 from ..watch.runs import read_sweep, run_info
 
@@ -84,8 +84,10 @@ def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: 
     output = Path(base.output).expanduser()
     runs = []
     for optim in names:
+        # Without --lr on the command line, an optimizer with an lr of its own (Prodigy: 1.0) runs at it.
+        own = [DEFAULT_LR[optim]] if not lrs and optim in DEFAULT_LR and base.optim != optim else None
         for s in shadows if optim in EMO else (False,):
-            for lr in rates:
+            for lr in own or rates:
                 name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
                 values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name)}
                 runs.append(SweepRun(name, resolve_config(None, values)))

@@ -20,6 +20,7 @@ from ..disk.tidy import clean_leftovers, incomplete_checkpoints, set_aside
 from ..disk.verify import choose_checkpoint, problem, read_meta, step_folders
 from ..errors import UserError
 from ..lora.formats import FORMATS
+from ..optimizers import lr_note
 from ..run import processes
 from ..run.signals import StopRequests
 
@@ -122,6 +123,7 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
     else:
         cfg, ckpt = absolute_paths(resolve_config(preset, overrides)), None
         _refuse_other_run(RunFolder(cfg.output), cfg.output)
+    notes = [*notes, lr_note(cfg.optim, cfg.lr)]  # an lr meant for another optimizer: a warning, the run goes on
     main = processes.is_main()  # under accelerate launch, one process holds the lock and tidies
     with OutputLock(cfg.output) if main else nullcontext() as lock:
         if main:

@@ -99,6 +99,12 @@ class LoraKind:
     def layer_parameters(self, layer, adapter: str = ADAPTER) -> int:
         return sum(p.numel() for p in self.factors(layer, adapter))
 
+    def zero_start(self, layer, adapter: str = ADAPTER) -> list:
+        """The weights a fresh adapter starts at zero (peft's ``init_lora_weights=True``:
+        up), so that it starts as no change. An optimizer's state can depend on it
+        (Prodigy keeps a 0-dim p0 for an all-zero tensor): the memory plan asks here."""
+        return [self.factors(layer, adapter)[1]]
+
 
 KINDS = {k.name: k for k in (LoraKind(),)}
 LORA = KINDS["lora"]

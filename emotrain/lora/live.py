@@ -24,6 +24,11 @@ def adapter_layers(model: torch.nn.Module, component: str, adapter: str = ADAPTE
             if LORA.is_layer(module, adapter)}
 
 
+def zero_start_parameters(modules) -> list[torch.nn.Parameter]:
+    """The adapter weights of ``modules`` that a fresh adapter starts at zero."""
+    return [p for m in modules for layer in m.modules() if LORA.is_layer(layer) for p in LORA.zero_start(layer)]
+
+
 def frozen_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """The base model's parameters and buffers, the adapter's left out."""
     return [t for n, t in (*module.named_parameters(), *module.named_buffers()) if not LORA.is_adapter_tensor(n)]

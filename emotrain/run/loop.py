@@ -27,7 +27,8 @@ from ..lora.formats import FORMATS, load_lora_file
 from ..lora.inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
 from ..lora.live import load_into_model, lora_weights_from_model
 from ..loss import Objective
-from ..optimizers import build_optimizer, check_optimizer, parse_optim_args, takes_loss
+from ..optimizers import (build_optimizer, check_optimizer, evaluation_point, lr_schedule, parse_optim_args,
+                          restore_train_point, takes_loss)
 from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import record as records
@@ -130,11 +131,12 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         data.record_to(RunFolder(cfg.output).draws)
 
     params = list(named_params.values())
-    optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
+    schedule, warmup = lr_schedule(cfg.optim, cfg.lr_scheduler, cfg.warmup_steps)  # schedule-free: its own warm-up
+    optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args),
+                                warmup_steps=cfg.warmup_steps)
     if hasattr(optimizer, "sync_loss"):
         optimizer.sync_loss = False  # the loop hands it the loss already averaged over processes
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                 num_training_steps=cfg.steps)
+    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
     unet, optimizer = accelerator.prepare(sdxl.unet, optimizer)
     models = [unet]
     if cfg.train_text_encoders:  # wrapped too, so their gradients are synchronised across GPUs
@@ -155,6 +157,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=optimizer.optimizer,
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
                                              noise_generator=run.noise, rank=rank)
+        restore_train_point(optimizer.optimizer)  # schedule-free: the training iterate the checkpoint kept
         run.step, run.history = meta["step"], meta.get("history")
         run.batches = Batches(data.keys, data.batch_sizes, cfg.seed, meta["data"]["epoch"], meta["data"]["position"],
                               rank=rank, world=world)
@@ -241,7 +244,14 @@ def optimizer_step(run: Run) -> float:
 def save(run: Run, history: dict, data_state: dict | None = None, noise_state: torch.Tensor | None = None) -> Path:
     """A checkpoint of the run after ``run.step`` steps (by default: where it is now).
     Every process holds the same LoRA and optimizer state (its own noise stream); the main
-    one writes them all. A state holding nan/inf is refused on every process alike."""
+    one writes them all. A state holding nan/inf is refused on every process alike. A
+    schedule-free optimizer's checkpoint holds its evaluation weights, and its training
+    iterate in the optimizer state, exactly."""
+    with evaluation_point(run.optimizer.optimizer, keep_train_point=True):
+        return _save(run, history, data_state, noise_state)
+
+
+def _save(run: Run, history: dict, data_state: dict | None, noise_state: torch.Tensor | None) -> Path:
     folder = RunFolder(run.cfg.output)
     with processes.collectives():
         noise_states = processes.gather(run.accelerator, run.noise.get_state() if noise_state is None else noise_state)
@@ -334,10 +344,12 @@ def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> Tra
 
 
 def save_lora(run: Run, output: Path) -> dict:
-    """The trained LoRA in every registered format, each under the format's file name."""
+    """The trained LoRA in every registered format, each under the format's file name
+    (a schedule-free optimizer's evaluation weights: what validation and samples saw)."""
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
-    weights = lora_weights_from_model(sdxl.unet, text_encoders)
+    with evaluation_point(run.optimizer.optimizer):
+        weights = lora_weights_from_model(sdxl.unet, text_encoders)
     metadata = records.training_metadata(cfg, run.step, run.info["started_at"])
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))

@@ -17,7 +17,7 @@ from ..dataset import Needs
 from ..errors import UserError
 from ..lora.inject import meta_sdxl
 from ..lora.kinds import LORA
-from ..lora.live import frozen_tensors
+from ..lora.live import frozen_tensors, zero_start_parameters
 from ..optimizers import EMO, NAMES, parse_optim_args
 from ..precision import weight_dtype
 from .state import planned_state_bytes
@@ -153,7 +153,9 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     sample_models = sum(base[c] for c in for_samples)
     args = parse_optim_args(cfg.optim_args)
 
-    states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args)
+    # A fresh adapter's up weights start at zero; a --network-weights file's do not.
+    zero = [] if cfg.network_weights else zero_start_parameters(modules.values())
+    states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args, zero_start=zero)
               for name, s in dict.fromkeys(rows + [(REFERENCE, False)])}
     reference_total = lora_bytes + grad_bytes + base_total + states[(REFERENCE, False)]
     out_rows = {}

@@ -36,8 +36,13 @@ def validation(runs):
 
 
 def learning_rate(runs):
-    lines = _lines(runs, "train/lr", lw=1.5, named=True) + _lines(runs, "emotion/effective_lr", lw=1.0, ls="--")
-    return lines, "solid: scheduled lr; dashed: effective step size lr x (1 - |s|)" if len(lines) > len(runs) else ""
+    emo = _lines(runs, "emotion/effective_lr", lw=1.0, ls="--")
+    free = _lines(runs, "optim/effective_lr", lw=1.0, ls="--")  # Prodigy, schedule-free
+    prodigy = [runs[line["run"]].config.get("optim") == "prodigy" for line in free]
+    what = [w for w, on in (("lr x (1 - |s|) for the Emo family", emo), ("d x lr for Prodigy", any(prodigy)),
+                            ("the warm-up lr for schedule-free", not all(prodigy))) if on]
+    lines = _lines(runs, "train/lr", lw=1.5, named=True) + emo + free
+    return lines, f"solid: scheduled lr; dashed: effective step size, {'; '.join(what)}" if what else ""
 
 
 def emotion(runs):
@@ -67,7 +72,7 @@ def memory(runs):
 FIGURES = [
     ("loss", "Training loss (thin: every step; thick: smoothed)", "loss", loss, False),
     ("val", "Validation loss (fixed noise and timesteps)", "loss", validation, False),
-    ("lr", "Learning rate and effective step size", "lr", learning_rate, False),
+    ("lr", "Learning rate and effective step size", "lr", learning_rate, "wide"),
     ("emotion", "Emotion scalar s", "s", emotion, False),
     ("filter", "Fraction of gradient elements the filter held back", "fraction", filter_held_back, False),
     ("grad_norm", "Gradient norm before clipping", "norm", grad_norm, True),
@@ -86,7 +91,12 @@ def render(title: str, ylabel: str, lines: list, runs: list[RunView], log: bool)
         style = {k: v for k, v in line.items() if k not in ("run", "x", "y", "named")}
         label = runs[line["run"]].label if line.get("named") and len(runs) > 1 else None
         ax.plot(line["x"], line["y"], color=colours[line["run"]], label=label, **style)
-    if log and all(v > 0 for line in lines for v in line["y"]):
+    values = [v for line in lines for v in line["y"] if v is not None]
+    if log == "wide":  # a log scale once the values span 100x (Prodigy's lr 1.0 beside d x lr ~1e-4)
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) >= 100 * min(positive):
+            ax.set_yscale("log", nonpositive="mask")
+    elif log and all(v > 0 for v in values):
         ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")

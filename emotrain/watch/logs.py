@@ -5,9 +5,10 @@ wandb, or none).
 Per step, from values the loop holds anyway: loss, smoothed loss, lr and, for the Emo
 family, what the optimizer reports about the step (``opt.stats``): the emotion scalar s,
 its short and long averages, the effective step size lr * (1 - |s|) and the shadow
-ratio. Every ``--log-every`` steps also the figures that cost a pass over the gradients
-or a host sync: gradient norm before clipping, the fraction of elements the filter held
-back (counted by the optimizer), it/s and memory.
+ratio; for Prodigy its d and d x lr, for schedule-free AdamW its warm-up lr. Every
+``--log-every`` steps also the figures that cost a pass over the gradients or a host
+sync: gradient norm before clipping, the fraction of elements the filter held back
+(counted by the optimizer), it/s and memory.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ def optimizer_scalars(optimizer, counted: bool) -> dict:
     if counted and stats.held_back is not None:
         out["emotion/filter_held_back"] = stats.held_back_fraction()
     return out
+
+
+def lr_free_scalars(optimizer, lr: float | None) -> dict:
+    """The effective learning rate of the lr-free optimizers, after the step: Prodigy's
+    d (as it holds it now, the estimate its next step uses) x the step's lr; a
+    schedule-free optimizer's lr with its own warm-up applied (``scheduled_lr``)."""
+    group = optimizer.param_groups[0]
+    if "d" in group and "d0" in group and lr is not None:  # prodigyopt's Prodigy
+        return {"optim/d": float(group["d"]), "optim/effective_lr": float(group["d"]) * lr}
+    if "scheduled_lr" in group and "train_mode" in group:  # the schedulefree package
+        return {"optim/effective_lr": float(group["scheduled_lr"])}
+    return {}
 
 
 def memory_scalars(device) -> dict:

@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 from ..disk.layout import SAMPLE_NAME, RunFolder, shown
+from ..optimizers import evaluation_point
 from .progress import SMOOTHING
 from . import logs
 from .prompts import sample_prompts
@@ -98,6 +99,7 @@ class Watch:
             record = {"step": run.step, "time": self.train_time, "train/loss": loss,
                       "train/loss_smoothed": self.smoothed, "train/lr": self._lr}
             record.update(logs.optimizer_scalars(run.optimizer.optimizer, counted=self._log_next))
+            record.update(logs.lr_free_scalars(run.optimizer.optimizer, self._lr))
             if self._log_next:
                 steps, seconds = run.step - self._last_log[0], self.train_time - self._last_log[1]
                 record["train/grad_norm"] = float(self._norm)
@@ -146,7 +148,8 @@ class Watch:
         """Validation and samples when due; then the record goes out."""
         step, last = run.step, self.cfg.steps
         images = []
-        with training_rng_untouched():
+        # a schedule-free optimizer's evaluation weights, the training iterate back exactly after
+        with training_rng_untouched(), evaluation_point(run.optimizer.optimizer):
             if self.validation and (step == 0 or due(step, self.val_every, last)):
                 record["val/loss"] = self.validation.loss(run)
             if self.prompts and (step == 0 or due(step, self.sample_every, last)):

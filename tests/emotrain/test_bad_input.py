@@ -138,6 +138,21 @@ def test_paths_and_names_refuse_bad_values(tmp_path, monkeypatch, files, flag):
     run_cases(tmp_path, monkeypatch, [[f"--{flag}", v.format(**files)] for v in PATH_CASES[flag]], base=base)
 
 
+# The lr-free optimizers' own arguments: unknown, nan/inf (spelt out, or a literal that
+# overflows), values they reject; and an lr schedule schedule-free would fight.
+LR_FREE_CASES = {
+    "prodigy": [["--optim-args", v] for v in ("nosuch=1", "d_coef=nan", "d_coef=-inf", "d_coef=1e400",
+                                              "betas=(0.9,1e400)", "d0=-1", "d_coef='high'")],
+    "adamw-schedulefree": [["--optim-args", v] for v in ("nosuch=1", "warmup_steps=nan", "eps=inf", "r=-1e400",
+                                                         "weight_decay='high'")] + [["--lr-scheduler", "cosine"]],
+}
+
+
+@pytest.mark.parametrize("optim", list(LR_FREE_CASES))
+def test_lr_free_optimizers_refuse_bad_arguments(tmp_path, monkeypatch, optim):
+    run_cases(tmp_path, monkeypatch, [["--optim", optim, *case] for case in LR_FREE_CASES[optim]])
+
+
 def test_vram_refuses_the_same(tmp_path, monkeypatch, files):
     cases = [["--rank", "0"], ["--rank", "nan"], ["--resolution", "1e400"], ["--model", "tiny:x"],
              ["--model", files["dir"]], ["--optim", "nosuch"], ["--optim", "all,nosuch"], ["--optim", ","],

@@ -16,9 +16,10 @@ import pytest
 
 from helpers import FAST, run_cli, run_json
 
-ARGS = [*FAST, "--steps", "8", "--save-every", "2", "--val-split", "0.125", "--log-with", "none",
+NO_LR = [a for i, a in enumerate(FAST) if "--lr" not in (a, FAST[i - 1])]  # each optimizer's own default
+ARGS = [*NO_LR, "--steps", "8", "--save-every", "2", "--val-split", "0.125", "--log-with", "none",
         "--sample-prompt", "a red circle --w 64 --h 64 --s 2"]
-OPTIMS = ["emosens", "emoairy", "adamw"]
+OPTIMS = ["emosens", "emoairy", "prodigy", "adamw-schedulefree"]
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +32,25 @@ def sweep(tmp_path_factory):
     while not (out / "emoairy" / "checkpoints" / "step-000002").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-run: emosens done, emoairy interrupted, adamw not started
+    proc.send_signal(signal.SIGKILL)  # mid-run: emosens done, emoairy interrupted, the others not started
     proc.communicate(timeout=60)
     kept = (out / "emosens" / "run.json").stat().st_mtime_ns
-    assert not (out / "adamw").exists() and not (out / "emoairy" / "lora.safetensors").exists()
+    assert not (out / "prodigy").exists() and not (out / "emoairy" / "lora.safetensors").exists()
     result = run_cli(*cmd)
     return out, kept, result.output
 
 
 def test_a_killed_sweep_resumes(sweep):
     out, kept, output = sweep
-    assert "[1/3] emosens: finished earlier, kept" in output
-    assert "[2/3] emoairy: resuming" in output and "[3/3] adamw: training" in output
+    assert "[1/4] emosens: finished earlier, kept" in output
+    assert "[2/4] emoairy: resuming" in output and "[3/4] prodigy: training" in output
+    assert "[4/4] adamw-schedulefree: training" in output
     assert (out / "emosens" / "run.json").stat().st_mtime_ns == kept  # the finished run untouched
     assert "checkpoints/step-0000" in run_json(out / "emoairy")["resumed_from"]
     for name in OPTIMS:
         run = run_json(out / name)
         assert run["status"] == "finished" and run["steps"] == 8 and run["config"]["optim"] == name
+        assert run["config"]["lr"] == (1.0 if name == "prodigy" else 3e-4)  # Prodigy at its own lr
         assert (out / name / "lora.safetensors").is_file()
     assert "emoairy" in output and "final val loss" in output  # the summary table
 
@@ -92,9 +95,10 @@ def test_sweep_report_overlays_the_runs(sweep):
     page.feed((out / "report.html").read_text())
     assert {"fig-loss", "fig-val", "fig-lr", "fig-emotion", "fig-memory"} <= set(page.figures)
     assert set(page.figures.values()) == {1}
-    assert page.samples == 3 * 5  # 3 runs x (step 0 + 4 sample steps), side by side
+    assert page.samples == 4 * 5  # 4 runs x (step 0 + 4 sample steps), side by side
     text = (out / "report.html").read_text()
-    assert "no emotion scalar in adamw" in text
+    assert "no emotion scalar in prodigy, adamw-schedulefree" in text
+    assert "lr x (1 - |s|) for the Emo family; d x lr for Prodigy; the warm-up lr for schedule-free" in text
     for name in OPTIMS:
         assert f"{name}: " in text  # a row and a legend entry per run
 

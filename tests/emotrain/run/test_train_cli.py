@@ -72,7 +72,7 @@ def test_presets_all_load_and_cli_wins():
         assert expected in names
     for name in names:
         cfg = resolve_config(name, {"model": "tiny", "data": "demo"})
-        assert cfg.optim in ("emosens", "emoairy", "emocats")
+        assert cfg.optim in ("emosens", "emoairy", "emocats", "prodigy", "adamw-schedulefree")
         assert cfg.shadow == name.endswith("-shadow")
     cfg = resolve_config("emoairy", {"model": "tiny", "data": "demo", "lr": 1e-4, "shadow": True, "rank": 2})
     assert (cfg.lr, cfg.shadow, cfg.rank, cfg.resolution) == (1e-4, True, 2, 1024)

@@ -35,12 +35,16 @@ def tiny_lora_params():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(TINY_UNET)
-    return add_lora(unet, unet_lora_config(RANK, RANK))
+    params = add_lora(unet, unet_lora_config(RANK, RANK))
+    return params, [p.detach().clone() for p in params]
 
 
 @pytest.mark.parametrize("name,shadow", ROWS, ids=[vram.row_key(n, s) for n, s in ROWS])
 def test_planned_state_equals_state_after_real_steps(tiny_plan, tiny_lora_params, name, shadow):
-    params = tiny_lora_params
+    params, fresh = tiny_lora_params
+    with torch.no_grad():  # a fresh adapter (up weights at zero), as the plan's run starts: Prodigy's state depends on it
+        for p, value in zip(params, fresh):
+            p.copy_(value)
     opt = build_optimizer(name, params, 1e-4, shadow=shadow)
     gen = torch.Generator().manual_seed(1)
     for loss in LOSSES:
@@ -217,7 +221,7 @@ def test_table_and_option_parsing(tiny_plan):
 
 
 def test_planning_never_steps_real_weights(tiny_lora_params):
-    opt = torch.optim.AdamW(tiny_lora_params, lr=1e-3)
+    opt = torch.optim.AdamW(tiny_lora_params[0], lr=1e-3)
     with pytest.raises(ValueError):
         vram.init_optimizer_state(opt)
 
@@ -256,4 +260,4 @@ def test_vram_plans_the_preset_run():
     assert by_preset["mixed_precision"] == "bf16" and by_preset["conv_rank"] == 8
     wider = json.loads(run_cli("vram", "--preset", "emoairy", "--rank", "64", "--optim", "all", "--both",
                                "--json").output)
-    assert wider["rank"] == 64 and len(wider["optimizers"]) == 10
+    assert wider["rank"] == 64 and len(wider["optimizers"]) == 12
