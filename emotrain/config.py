@@ -115,6 +115,24 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
             except UserError as exc:
                 bad(key, exc)
     check_watch_options(cfg, bad)
+    check_schedule_options(cfg, bad)
+
+
+def check_schedule_options(cfg, bad) -> None:
+    """What the flags alone say about v-prediction and zero terminal SNR (what the model
+    says is checked once it is found, still before its weights load)."""
+    from .watch.checks import check_samplers_for
+
+    if cfg.zero_terminal_snr and cfg.v_parameterization is False:
+        bad("zero_terminal_snr", "a zero-terminal-SNR schedule needs v-prediction, and --no-v-parameterization "
+            "was given: drop one of them")
+    if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
+        bad("scale_v_pred_loss_like_noise_pred", "scales a v-prediction loss, and --no-v-parameterization was "
+            "given: drop one of them")
+    try:
+        check_samplers_for(cfg, bool(cfg.zero_terminal_snr))
+    except UserError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _not_utf8(value) -> str | None:

@@ -10,7 +10,10 @@ the training loss.
 - The weighting: ``weight`` multiplies the squared error per latent pixel ([B, 1, h, w]:
   a loss mask) or per sample ([B, 1, 1, 1]: the prior-loss weight of regularization
   images), as sd-scripts does (a pixel of weight 0 gives no gradient); then min-SNR-gamma
-  per timestep, in its epsilon or v-prediction form.
+  per timestep, in its epsilon or v-prediction form; with v-prediction, optionally
+  SNR/(SNR+1) (``--scale-v-pred-loss-like-noise-pred``, sd-scripts' definition).
+- The schedule (prediction type, zero terminal SNR) is the scheduler's: sdxl.load_sdxl
+  builds it from the model and the flags.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ class Objective:
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
     dtype: torch.dtype | None = None  # the UNet's compute dtype (None: the UNet's own)
+    scale_v_pred: bool = False
 
     @classmethod
     def of(cls, cfg) -> "Objective":
         """The objective a training config describes."""
-        return cls(cfg.noise_offset, cfg.min_snr_gamma, weight_dtype(cfg.mixed_precision))
+        return cls(cfg.noise_offset, cfg.min_snr_gamma, weight_dtype(cfg.mixed_precision),
+                   cfg.scale_v_pred_loss_like_noise_pred)
 
     def draw(self, latents: torch.Tensor, scheduler, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (noise, timesteps) for ``latents``, drawn from ``generator`` in a fixed order."""
@@ -57,6 +62,8 @@ class Objective:
         per_sample = error.mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             per_sample = per_sample * min_snr_weight(scheduler, timesteps, self.min_snr_gamma)
+        if self.scale_v_pred and scheduler.config.prediction_type == "v_prediction":
+            per_sample = per_sample * v_pred_scale(scheduler, timesteps)
         return per_sample
 
     def loss(self, unet, scheduler, latents, prompt_embeds, pooled, time_ids, generator: torch.Generator,
@@ -65,6 +72,14 @@ class Objective:
         noise, timesteps = self.draw(latents, scheduler, generator)
         return self.per_sample(unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, time_ids,
                                weight).mean()
+
+
+def check_schedule(cfg, schedule) -> None:
+    """What the objective needs of the model's schedule (sdxl.Schedule), before the
+    weights load."""
+    if cfg.scale_v_pred_loss_like_noise_pred and not schedule.v_prediction:
+        raise UserError("scale_v_pred_loss_like_noise_pred: the model is epsilon-prediction: add "
+                        "--v-parameterization if it is a v-prediction model, else drop the flag")
 
 
 def target(scheduler, latents, noise, timesteps) -> torch.Tensor:
@@ -77,9 +92,22 @@ def target(scheduler, latents, noise, timesteps) -> torch.Tensor:
                     "use an epsilon or v-prediction SDXL model")
 
 
-def min_snr_weight(scheduler, timesteps, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR for epsilon; min(SNR, gamma) / (SNR + 1) for v-prediction."""
+def snr(scheduler, timesteps) -> torch.Tensor:
+    """alpha-bar / (1 - alpha-bar) at each timestep (diffusers' compute_snr); 0 at the
+    last timestep of a zero-terminal-SNR schedule."""
     from diffusers.training_utils import compute_snr
 
-    snr = compute_snr(scheduler, timesteps)
-    return torch.clamp(snr, max=gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    return compute_snr(scheduler, timesteps)
+
+
+def min_snr_weight(scheduler, timesteps, gamma: float) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for epsilon; min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    s = snr(scheduler, timesteps)
+    return torch.clamp(s, max=gamma) / (s + 1 if scheduler.config.prediction_type == "v_prediction" else s)
+
+
+def v_pred_scale(scheduler, timesteps) -> torch.Tensor:
+    """sd-scripts' scale_v_prediction_loss_like_noise_prediction: SNR / (SNR + 1), the
+    SNR capped at 1000 (it is infinite where alpha-bar is 1)."""
+    s = torch.clamp(snr(scheduler, timesteps), max=1000)
+    return s / (s + 1)

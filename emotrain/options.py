@@ -119,6 +119,12 @@ OPTIONS: tuple[Option, ...] = (
     _o("network_weights", str, None, "Start from an existing LoRA file (kohya or diffusers); its ranks win.",
        "Model", memory=True),
     _o("base_lora", list, [], "FILE[:WEIGHT] merged into the frozen base before training (repeatable).", "Model"),
+    _o("v_parameterization", bool, None, "Train the model as v-prediction (--no-v-parameterization: as epsilon). "
+       "Needed for a v-pred single file without marker keys; a diffusers folder's scheduler config and a single "
+       "file's v_pred key already say so.", "Model", nullable=True, default_text="from the model"),
+    _o("zero_terminal_snr", bool, None, "Rescale the noise schedule to zero terminal SNR (diffusers' "
+       "rescale_zero_terminal_snr), for training and samples; needs v-prediction.", "Model", nullable=True,
+       default_text="from the model"),
     # -- data ----------------------------------------------------------------------------
     _o("data", str, None, "Folder of images with captions (N_name sub-folders repeat N times; 'name' is the "
        "caption of images without one), or 'demo'.", "Data"),
@@ -197,6 +203,8 @@ OPTIONS: tuple[Option, ...] = (
        positive=True),
     _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0, maximum=1),
     _o("prior_loss_weight", float, 1.0, "Loss weight of regularization images.", "Loss", minimum=0),
+    _o("scale_v_pred_loss_like_noise_pred", bool, False, "v-prediction: weight each sample's loss by "
+       "SNR/(SNR+1) (SNR at most 1000), as sd-scripts does, so it scales like an epsilon loss.", "Loss"),
     # -- precision and memory ------------------------------------------------------------
     _o("mixed_precision", str, "no", "Frozen weights and compute in no (fp32), fp16 or bf16; the LoRA stays fp32.",
        "Precision and memory", choices=PRECISIONS, memory=True),

@@ -26,14 +26,15 @@ from ..disk.layout import RunFolder
 from ..lora.formats import FORMATS, load_lora_file
 from ..lora.inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
 from ..lora.live import load_into_model, lora_weights_from_model
-from ..loss import Objective
+from ..loss import Objective, check_schedule
 from ..optimizers import build_optimizer, check_optimizer, parse_optim_args, takes_loss
 from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import record as records
 from .record import RunRecord
-from ..sdxl import encode_prompts, load_sdxl, resolve_model, unet_config
+from ..sdxl import encode_prompts, load_sdxl, model_schedule, resolve_model, unet_config
 from .signals import StopRequests
+from ..watch.checks import check_samplers_for
 from ..watch.logs import accelerator_settings
 from ..watch.session import Watch
 
@@ -113,15 +114,20 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     with accelerator.main_process_first():  # what is built or downloaded once (demo images, tiny model)
         scanned = watch.hold_out(scan_data(cfg))  # --val-split images are never trained on
         source = resolve_model(cfg.model)
+    schedule = model_schedule(source, cfg.v_parameterization, cfg.zero_terminal_snr)
+    check_schedule(cfg, schedule)
+    check_samplers_for(cfg, schedule.zero_terminal_snr)
     check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
     loras = read_loras(cfg)
     with progress.task("loading model"):
-        sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision))
+        sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision), schedule=schedule)
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg, loras)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
     scanned.show(progress.console)
+    for note in schedule.notes:
+        progress.console.print(note)
     with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
         data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console, watch.keeps_encoders)
     watch.prepare(sdxl, data, progress)  # the validation set encoded; encoders freed, or parked for samples
@@ -146,6 +152,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     folder = RunFolder(cfg.output)
     run.info = {"model_source": sdxl.source, "versions": records.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
+                "prediction_type": schedule.prediction_type, "zero_terminal_snr": schedule.zero_terminal_snr,
                 "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
                 "resumed_from": folder.relative(resume) if resume else None}
     progress.console.print(processes.effective_batch_line(
@@ -260,7 +267,8 @@ def save_lora(run: Run, output: Path) -> dict:
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = records.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"])
+    metadata = records.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"],
+                                         sdxl.noise_scheduler.config)
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}

@@ -72,9 +72,11 @@ def memory_report(device, optimizer, lora_params, frozen_modules) -> dict:
     return report
 
 
-def training_metadata(cfg, steps: int, model_source: str, started_at: float) -> dict:
+def training_metadata(cfg, steps: int, model_source: str, started_at: float, schedule=None) -> dict:
     """sd-scripts' ss_* training notes (what A1111/ComfyUI show about a LoRA), plus our
-    whole config so a file says how it was made."""
+    whole config so a file says how it was made. ``schedule``: the noise scheduler's
+    config (prediction type, zero terminal SNR) the run trained with."""
+    v_pred = bool(schedule and schedule.get("prediction_type") == "v_prediction")
     return {
         "ss_training_started_at": str(started_at),
         "ss_output_name": Path(cfg.output).name,
@@ -96,6 +98,10 @@ def training_metadata(cfg, steps: int, model_source: str, started_at: float) -> 
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_v_parameterization": str(v_pred),
+        "ss_zero_terminal_snr": str(bool(schedule and schedule.get("rescale_betas_zero_snr"))),
+        "ss_scale_v_pred_loss_like_noise_pred": str(cfg.scale_v_pred_loss_like_noise_pred),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "emotrain_version": versions().get("emotrain") or "",
         "emotrain_config": json.dumps(cfg.to_dict(), sort_keys=True),
     }

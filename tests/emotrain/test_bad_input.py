@@ -227,3 +227,16 @@ def test_the_issue_list_answers_in_one_line_before_any_model_loads(tmp_path, fil
         out = subprocess.run([sys.executable, "-m", "emotrain", *args], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+CONTRADICTIONS = [  # options that are each fine alone (issue 16)
+    ["--zero-terminal-snr", "--no-v-parameterization"],
+    ["--scale-v-pred-loss-like-noise-pred", "--no-v-parameterization"],
+    ["--zero-terminal-snr"],  # the tiny model is epsilon: zero terminal SNR needs v-prediction
+    ["--scale-v-pred-loss-like-noise-pred"],
+    ["--model", "tiny-vpred", "--sample-prompt", "x --w 64 --h 64", "--sample-sampler", "heun"],
+]
+
+
+def test_contradictions_are_refused(tmp_path, monkeypatch):
+    run_cases(tmp_path, monkeypatch, CONTRADICTIONS)
