@@ -129,6 +129,12 @@ def check_schedule_options(cfg, bad) -> None:
     if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
         bad("scale_v_pred_loss_like_noise_pred", "scales a v-prediction loss, and --no-v-parameterization was "
             "given: drop one of them")
+    if cfg.max_timestep is not None and cfg.min_timestep >= cfg.max_timestep:
+        bad("min_timestep", f"{cfg.min_timestep} is not below --max-timestep {cfg.max_timestep}: timesteps are drawn "
+            "from [min, max): lower --min-timestep or raise --max-timestep")
+    if cfg.noise_offset_random_strength and not cfg.noise_offset:
+        bad("noise_offset_random_strength", "draws the strength of the noise offset, which is 0: add --noise-offset "
+            "(e.g. 0.05) or drop the flag")
     try:
         check_samplers_for(cfg, bool(cfg.zero_terminal_snr))
     except UserError as exc:

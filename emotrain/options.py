@@ -37,6 +37,8 @@ MAX_COUNT = 10**9
 GROUPS = ("Model", "Data", "Captions", "Augmentation", "Cache", "LoRA", "Optimizer", "Schedule", "Loss",
           "Precision and memory", "Checkpoints", "Validation", "Samples", "Logging", "Outputs")
 TRACKERS = ("tensorboard", "wandb", "none")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # loss.py
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 EVERY_DEFAULT = "save_every, else 10% of the steps"  # watch/schedule.py
 
 
@@ -201,8 +203,29 @@ OPTIONS: tuple[Option, ...] = (
     # -- loss ----------------------------------------------------------------------------
     _o("min_snr_gamma", float, None, "Min-SNR-gamma loss weighting (5 is usual).", "Loss", nullable=True,
        positive=True),
-    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0, maximum=1),
+    _o("noise_offset", float, 0.0, "Noise offset: a per-channel constant of this strength added to the noise.", "Loss",
+       minimum=0, maximum=1),
     _o("prior_loss_weight", float, 1.0, "Loss weight of regularization images.", "Loss", minimum=0),
+    _o("loss_type", str, "l2", "Per-element loss (sd-scripts'): l2 (squared error), l1, huber 2c(sqrt(d^2+c^2)-c), "
+       "smooth_l1 2(sqrt(d^2+c^2)-c).", "Loss", choices=LOSS_TYPES),
+    _o("huber_c", float, 0.1, "c of the huber and smooth_l1 losses (at its schedule's end).", "Loss", positive=True,
+       maximum=1),
+    _o("huber_schedule", str, "snr", "How c follows the timestep t of T: constant c, exponential c^(t/T), snr "
+       "(1-c)/(1+sigma_t)^2+c with sigma_t = sqrt((1-ab_t)/ab_t) (sd-scripts').", "Loss", choices=HUBER_SCHEDULES),
+    _o("debiased_estimation", bool, False, "Weight each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), the "
+       "SNR capped at 1000, as sd-scripts' debiased estimation loss.", "Loss"),
+    _o("min_timestep", int, 0, "Train on timesteps from this one (inclusive); validation spreads over the same "
+       "range.", "Loss", minimum=0, maximum=999),
+    _o("max_timestep", int, None, "Train on timesteps below this one (exclusive).", "Loss", nullable=True,
+       default_text="1000 (the schedule's end)", minimum=1, maximum=1000),
+    _o("ip_noise_gamma", float, 0.0, "Input perturbation: noise of this strength added to the UNet's input only, "
+       "not to the target (0.1 is usual).", "Loss", minimum=0, maximum=1),
+    _o("multires_noise_iterations", int, 0, "Multi-resolution (pyramid) noise levels, sd-scripts' (6-10 is usual; "
+       "0: off).", "Loss", minimum=0, maximum=64),
+    _o("multires_noise_discount", float, 0.3, "Weight of each coarser level of multi-resolution noise is this to "
+       "its level.", "Loss", minimum=0, maximum=1),
+    _o("noise_offset_random_strength", bool, False, "Draw the noise offset's strength in [0, --noise-offset) each "
+       "step.", "Loss"),
     _o("scale_v_pred_loss_like_noise_pred", bool, False, "v-prediction: weight each sample's loss by "
        "SNR/(SNR+1) (SNR at most 1000), as sd-scripts does, so it scales like an epsilon loss.", "Loss"),
     # -- precision and memory ------------------------------------------------------------

@@ -235,6 +235,9 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--zero-terminal-snr"],  # the tiny model is epsilon: zero terminal SNR needs v-prediction
     ["--scale-v-pred-loss-like-noise-pred"],
     ["--model", "tiny-vpred", "--sample-prompt", "x --w 64 --h 64", "--sample-sampler", "heun"],
+    ["--min-timestep", "500", "--max-timestep", "500"],
+    ["--min-timestep", "900", "--max-timestep", "100"],
+    ["--noise-offset-random-strength"],  # no --noise-offset to draw a strength of
 ]
 
 
