@@ -60,6 +60,10 @@ def coerce(o: Option, value, where: str):
     if value is None and (o.nullable or o.default is None):
         return None
     if o.type is list:
+        if o.items and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if o.items and isinstance(value, list):  # numbers from a TOML preset
+            value = [repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -129,6 +133,9 @@ def check_schedule_options(cfg, bad) -> None:
     if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
         bad("scale_v_pred_loss_like_noise_pred", "scales a v-prediction loss, and --no-v-parameterization was "
             "given: drop one of them")
+    if cfg.text_encoder_lr and not cfg.train_text_encoders:
+        bad("text_encoder_lr", "the text encoders are not trained: add --train-text-encoders or drop "
+            "--text-encoder-lr")
     if cfg.max_timestep is not None and cfg.min_timestep >= cfg.max_timestep:
         bad("min_timestep", f"{cfg.min_timestep} is not below --max-timestep {cfg.max_timestep}: timesteps are drawn "
             "from [min, max): lower --min-timestep or raise --max-timestep")

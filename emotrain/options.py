@@ -61,6 +61,7 @@ class Option:
     resumable: bool = False  # a resumed run may change it (anything else would break exactness)
     memory: bool = False  # changes what `emotrain vram` plans
     split: bool = False  # list items are also split shell-style ("a=1 b=2")
+    items: int | None = None  # a list of numbers, at most this many (checked like a float option)
     hint: str = ""  # appended to a rejected value's message: how to fix it
 
     @property
@@ -85,6 +86,19 @@ class Option:
 
     def problem(self, value) -> str | None:
         """What is wrong with a well-typed value, or None."""
+        if self.items and value:
+            if len(value) > self.items:
+                return f"takes at most {self.items} values, got {len(value)}: {' '.join(value)}"
+            for item in value:
+                try:
+                    number = float(item)
+                except ValueError:
+                    return f"must be a number, got {item!r}"
+                problem = Option(self.name, float, None, "", self.group, positive=self.positive,
+                                 maximum=self.maximum).problem(number)
+                if problem:
+                    return problem
+            return None
         if value is None or self.type in (bool, list):
             return None
         if self.choices and value not in self.choices and not (self.name == "optim" and "." in value):
@@ -190,6 +204,13 @@ OPTIONS: tuple[Option, ...] = (
        "Optimizer", split=True, memory=True),
     _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, maximum=10,
        hint="(the Emo family works well at 2e-4 to 4e-4)"),
+    _o("unet_lr", float, None, "Learning rate of the UNet's LoRA.", "Optimizer", nullable=True,
+       default_text="--lr", positive=True, maximum=10),
+    _o("text_encoder_lr", list, [], "Learning rate of the text encoders' LoRA: one value for both, or two (TE1 "
+       "then TE2: repeat the flag or quote them, \"1e-4 2e-4\"); needs --train-text-encoders.", "Optimizer",
+       default_text="--lr", split=True, items=2, positive=True, maximum=10),
+    _o("loraplus_ratio", float, None, "LoRA+: the up (B) matrices learn at lr x this ratio (sd-scripts' "
+       "loraplus_lr_ratio; 16 is usual).", "Optimizer", nullable=True, positive=True, maximum=1000),
     _o("max_grad_norm", float, 1.0, "Gradient clipping norm; 0 turns clipping off.", "Optimizer", nullable=True,
        minimum=0),
     # -- schedule ------------------------------------------------------------------------

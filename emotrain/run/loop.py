@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 from ..disk import checkpoint
 from . import processes
+from .groups import param_groups, part_lrs
 from .batches import Batches
 from ..config import TrainConfig
 from ..dataset.encode import prepare_data
@@ -135,7 +136,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         data.record_to(RunFolder(cfg.output).draws)
 
     params = list(named_params.values())
-    optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args))
+    optimizer = build_optimizer(cfg.optim, param_groups(cfg, named_params), cfg.lr, cfg.shadow,
+                                parse_optim_args(cfg.optim_args))
     if hasattr(optimizer, "sync_loss"):
         optimizer.sync_loss = False  # the loop hands it the loss already averaged over processes
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -268,7 +270,7 @@ def save_lora(run: Run, output: Path) -> dict:
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     weights = lora_weights_from_model(sdxl.unet, text_encoders)
     metadata = records.training_metadata(cfg, run.step, sdxl.source, run.info["started_at"],
-                                         sdxl.noise_scheduler.config)
+                                         sdxl.noise_scheduler.config, part_lrs(cfg))
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}
@@ -297,7 +299,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                         raise stopped(run, record, reason, start) from None
                     run.step += 1
                     record.add(loss, optimizer.emotion.s if takes_loss(optimizer) else None)
-                    progress.update(run.step, loss, record.emotion[-1], run.lr_scheduler.get_last_lr()[0])
+                    lrs = run.lr_scheduler.get_last_lr()
+                    progress.update(run.step, loss, record.emotion[-1], lrs[0] if len(set(lrs)) == 1 else lrs)
                     run.watch.after_step(run, loss)  # logs; validation and samples when due
                     if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
                         save(run, record.history())

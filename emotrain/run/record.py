@@ -72,18 +72,23 @@ def memory_report(device, optimizer, lora_params, frozen_modules) -> dict:
     return report
 
 
-def training_metadata(cfg, steps: int, model_source: str, started_at: float, schedule=None) -> dict:
+def training_metadata(cfg, steps: int, model_source: str, started_at: float, schedule=None,
+                      lrs: dict | None = None) -> dict:
     """sd-scripts' ss_* training notes (what A1111/ComfyUI show about a LoRA), plus our
     whole config so a file says how it was made. ``schedule``: the noise scheduler's
-    config (prediction type, zero terminal SNR) the run trained with."""
+    config (prediction type, zero terminal SNR) the run trained with; ``lrs``: each part's
+    learning rate (run/groups.py)."""
+    lrs = lrs or {"unet": cfg.lr, "text_encoder": cfg.lr, "text_encoder_2": cfg.lr}
+    te_lrs = sorted({lrs["text_encoder"], lrs["text_encoder_2"]}, key=[lrs["text_encoder"], lrs["text_encoder_2"]].index)
     v_pred = bool(schedule and schedule.get("prediction_type") == "v_prediction")
     return {
         "ss_training_started_at": str(started_at),
         "ss_output_name": Path(cfg.output).name,
         "ss_sd_model_name": Path(model_source).name,
         "ss_learning_rate": str(cfg.lr),
-        "ss_unet_lr": str(cfg.lr),
-        "ss_text_encoder_lr": str(cfg.lr if cfg.train_text_encoders else 0),
+        "ss_unet_lr": str(lrs["unet"]),
+        "ss_text_encoder_lr": (str(te_lrs[0]) if len(te_lrs) == 1 else str(te_lrs)) if cfg.train_text_encoders else "0",
+        "ss_loraplus_lr_ratio": str(cfg.loraplus_ratio),
         "ss_max_train_steps": str(cfg.steps),
         "ss_steps": str(steps),
         "ss_optimizer": cfg.optim + (" (use_shadow=True)" if cfg.shadow and cfg.optim.startswith("emo") else ""),

@@ -68,6 +68,7 @@ PATH_CASES = {
     "val-data": ["", "{dir}/missing", "{file}", NOT_UTF8],
     "sample-prompts": ["", "{dir}/missing.txt", "{dir}", "{bin_toml}", NOT_UTF8],
     "sample-prompt": ["", " --w 64", "x --w abc", "x --q 1", NOT_UTF8],
+    "text-encoder-lr": ["", "abc", "nan", "inf", "-1", "0", "1e400", "11", "1e-4 2e-4 3e-4", "1e-4 x", NOT_UTF8],
 }
 
 
@@ -238,6 +239,7 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--min-timestep", "500", "--max-timestep", "500"],
     ["--min-timestep", "900", "--max-timestep", "100"],
     ["--noise-offset-random-strength"],  # no --noise-offset to draw a strength of
+    ["--text-encoder-lr", "1e-4"],  # the text encoders are not trained
 ]
 
 
