@@ -135,6 +135,8 @@ def overrides_from(values: dict) -> dict:
                     value = [item for v in value for item in shlex.split(v)]
                 except ValueError as exc:
                     raise UserError(f"{o.name}: cannot split {value!r} ({exc}): balance the quotes") from None
+                if o.items and not value:
+                    raise UserError(f"{o.name}: is empty: give a number, or leave the option out")
         out[o.name] = value
     return out
 

@@ -61,6 +61,10 @@ def coerce(o: Option, value, where: str):
     if value is None and (o.nullable or o.default is None):
         return None
     if o.type is list:
+        if o.items and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if o.items and isinstance(value, list):  # numbers from a TOML preset
+            value = [repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -118,6 +122,33 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
             except UserError as exc:
                 bad(key, exc)
     check_watch_options(cfg, bad)
+    check_schedule_options(cfg, bad)
+
+
+def check_schedule_options(cfg, bad) -> None:
+    """What the flags alone say about v-prediction and zero terminal SNR (what the model
+    says is checked once it is found, still before its weights load)."""
+    from .watch.checks import check_samplers_for
+
+    if cfg.zero_terminal_snr and cfg.v_parameterization is False:
+        bad("zero_terminal_snr", "a zero-terminal-SNR schedule needs v-prediction, and --no-v-parameterization "
+            "was given: drop one of them")
+    if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
+        bad("scale_v_pred_loss_like_noise_pred", "scales a v-prediction loss, and --no-v-parameterization was "
+            "given: drop one of them")
+    if cfg.text_encoder_lr and not cfg.train_text_encoders:
+        bad("text_encoder_lr", "the text encoders are not trained: add --train-text-encoders or drop "
+            "--text-encoder-lr")
+    if cfg.max_timestep is not None and cfg.min_timestep >= cfg.max_timestep:
+        bad("min_timestep", f"{cfg.min_timestep} is not below --max-timestep {cfg.max_timestep}: timesteps are drawn "
+            "from [min, max): lower --min-timestep or raise --max-timestep")
+    if cfg.noise_offset_random_strength and not cfg.noise_offset:
+        bad("noise_offset_random_strength", "draws the strength of the noise offset, which is 0: add --noise-offset "
+            "(e.g. 0.05) or drop the flag")
+    try:
+        check_samplers_for(cfg, bool(cfg.zero_terminal_snr))
+    except UserError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _not_utf8(value) -> str | None:

@@ -38,6 +38,8 @@ MAX_COUNT = 10**9
 GROUPS = ("Model", "Data", "Captions", "Augmentation", "Cache", "LoRA", "Optimizer", "Schedule", "Loss",
           "Precision and memory", "Checkpoints", "Validation", "Samples", "Logging", "Outputs")
 TRACKERS = ("tensorboard", "wandb", "none")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")  # loss.py
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 EVERY_DEFAULT = "save_every, else 10% of the steps"  # watch/schedule.py
 
 
@@ -60,6 +62,7 @@ class Option:
     resumable: bool = False  # a resumed run may change it (anything else would break exactness)
     memory: bool = False  # changes what `emotrain vram` plans
     split: bool = False  # list items are also split shell-style ("a=1 b=2")
+    items: int | None = None  # a list of numbers, at most this many (checked like a float option)
     hint: str = ""  # appended to a rejected value's message: how to fix it
 
     @property
@@ -84,6 +87,19 @@ class Option:
 
     def problem(self, value) -> str | None:
         """What is wrong with a well-typed value, or None."""
+        if self.items and value:
+            if len(value) > self.items:
+                return f"takes at most {self.items} values, got {len(value)}: {' '.join(value)}"
+            for item in value:
+                try:
+                    number = float(item)
+                except ValueError:
+                    return f"must be a number, got {item!r}"
+                problem = Option(self.name, float, None, "", self.group, positive=self.positive,
+                                 maximum=self.maximum).problem(number)
+                if problem:
+                    return problem
+            return None
         if value is None or self.type in (bool, list):
             return None
         if self.choices and value not in self.choices and not (self.name == "optim" and "." in value):
@@ -120,6 +136,12 @@ OPTIONS: tuple[Option, ...] = (
     _o("network_weights", str, None, "Start from an existing LoRA file (kohya or diffusers); its ranks win.",
        "Model", memory=True),
     _o("base_lora", list, [], "FILE[:WEIGHT] merged into the frozen base before training (repeatable).", "Model"),
+    _o("v_parameterization", bool, None, "Train the model as v-prediction (--no-v-parameterization: as epsilon). "
+       "Needed for a v-pred single file without marker keys; a diffusers folder's scheduler config and a single "
+       "file's v_pred key already say so.", "Model", nullable=True, default_text="from the model"),
+    _o("zero_terminal_snr", bool, None, "Rescale the noise schedule to zero terminal SNR (diffusers' "
+       "rescale_zero_terminal_snr), for training and samples; needs v-prediction.", "Model", nullable=True,
+       default_text="from the model"),
     # -- data ----------------------------------------------------------------------------
     _o("data", str, None, "Folder of images with captions (N_name sub-folders repeat N times; 'name' is the "
        "caption of images without one), or 'demo'.", "Data"),
@@ -184,6 +206,13 @@ OPTIONS: tuple[Option, ...] = (
        "Optimizer", split=True, memory=True),
     _o("lr", float, 3e-4, "Learning rate.", "Optimizer", positive=True, maximum=10,
        hint="(the Emo family works well at 2e-4 to 4e-4)"),
+    _o("unet_lr", float, None, "Learning rate of the UNet's LoRA.", "Optimizer", nullable=True,
+       default_text="--lr", positive=True, maximum=10),
+    _o("text_encoder_lr", list, [], "Learning rate of the text encoders' LoRA: one value for both, or two (TE1 "
+       "then TE2: repeat the flag or quote them, \"1e-4 2e-4\"); needs --train-text-encoders.", "Optimizer",
+       default_text="--lr", split=True, items=2, positive=True, maximum=10),
+    _o("loraplus_ratio", float, None, "LoRA+: the up (B) matrices learn at lr x this ratio (sd-scripts' "
+       "loraplus_lr_ratio; 16 is usual).", "Optimizer", nullable=True, positive=True, maximum=1000),
     _o("max_grad_norm", float, 1.0, "Gradient clipping norm; 0 turns clipping off.", "Optimizer", nullable=True,
        minimum=0),
     # -- schedule ------------------------------------------------------------------------
@@ -198,8 +227,31 @@ OPTIONS: tuple[Option, ...] = (
     # -- loss ----------------------------------------------------------------------------
     _o("min_snr_gamma", float, None, "Min-SNR-gamma loss weighting (5 is usual).", "Loss", nullable=True,
        positive=True),
-    _o("noise_offset", float, 0.0, "Noise offset.", "Loss", minimum=0, maximum=1),
+    _o("noise_offset", float, 0.0, "Noise offset: a per-channel constant of this strength added to the noise.", "Loss",
+       minimum=0, maximum=1),
     _o("prior_loss_weight", float, 1.0, "Loss weight of regularization images.", "Loss", minimum=0),
+    _o("loss_type", str, "l2", "Per-element loss (sd-scripts'): l2 (squared error), l1, huber 2c(sqrt(d^2+c^2)-c), "
+       "smooth_l1 2(sqrt(d^2+c^2)-c).", "Loss", choices=LOSS_TYPES),
+    _o("huber_c", float, 0.1, "c of the huber and smooth_l1 losses (at its schedule's end).", "Loss", positive=True,
+       maximum=1),
+    _o("huber_schedule", str, "snr", "How c follows the timestep t of T: constant c, exponential c^(t/T), snr "
+       "(1-c)/(1+sigma_t)^2+c with sigma_t = sqrt((1-ab_t)/ab_t) (sd-scripts').", "Loss", choices=HUBER_SCHEDULES),
+    _o("debiased_estimation", bool, False, "Weight each sample's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), the "
+       "SNR capped at 1000, as sd-scripts' debiased estimation loss.", "Loss"),
+    _o("min_timestep", int, 0, "Train on timesteps from this one (inclusive); validation spreads over the same "
+       "range.", "Loss", minimum=0, maximum=999),
+    _o("max_timestep", int, None, "Train on timesteps below this one (exclusive).", "Loss", nullable=True,
+       default_text="1000 (the schedule's end)", minimum=1, maximum=1000),
+    _o("ip_noise_gamma", float, 0.0, "Input perturbation: noise of this strength added to the UNet's input only, "
+       "not to the target (0.1 is usual).", "Loss", minimum=0, maximum=1),
+    _o("multires_noise_iterations", int, 0, "Multi-resolution (pyramid) noise levels, sd-scripts' (6-10 is usual; "
+       "0: off).", "Loss", minimum=0, maximum=64),
+    _o("multires_noise_discount", float, 0.3, "Weight of each coarser level of multi-resolution noise is this to "
+       "its level.", "Loss", minimum=0, maximum=1),
+    _o("noise_offset_random_strength", bool, False, "Draw the noise offset's strength in [0, --noise-offset) each "
+       "step.", "Loss"),
+    _o("scale_v_pred_loss_like_noise_pred", bool, False, "v-prediction: weight each sample's loss by "
+       "SNR/(SNR+1) (SNR at most 1000), as sd-scripts does, so it scales like an epsilon loss.", "Loss"),
     # -- precision and memory ------------------------------------------------------------
     _o("mixed_precision", str, "no", "Frozen weights and compute in no (fp32), fp16 or bf16; the LoRA stays fp32.",
        "Precision and memory", choices=PRECISIONS, memory=True),

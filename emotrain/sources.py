@@ -1,5 +1,6 @@
 """What ``--model`` may name, checked without loading anything (no torch here): the
-built-in ``tiny[:SEED]``, a diffusers folder, a single ``.safetensors`` file, or a hub
+built-in ``tiny[:SEED]`` (``tiny-vpred[:SEED]``: its v-prediction, zero-terminal-SNR
+variant), a diffusers folder, a single ``.safetensors`` file, or a hub
 repo id. ``emotrain.sdxl.resolve_model`` turns an accepted name into a local path."""
 
 from __future__ import annotations
@@ -9,23 +10,29 @@ from pathlib import Path
 
 from .errors import UserError
 
-TINY = re.compile(r"^tiny(:(.*))?$")
+TINY = re.compile(r"^tiny(-vpred)?(:(.*))?$")
 MAX_TINY_SEED = 2**32 - 1
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def tiny_seed(model: str) -> int | None:
-    """The seed of ``tiny`` / ``tiny:SEED``; None for any other model."""
+    """The seed of ``tiny`` / ``tiny:SEED`` (or ``tiny-vpred``...); None for any other model."""
     match = TINY.match(model)
     if not match:
         return None
-    seed = match.group(2)
+    seed = match.group(3)
     if seed is None:
         return 0
     if not seed.isdigit() or int(seed) > MAX_TINY_SEED:
         raise UserError(f"model {model!r}: the tiny model takes a seed from 0 to {MAX_TINY_SEED}, e.g. tiny:1")
     return int(seed)
+
+
+def tiny_vpred(model: str) -> bool:
+    """``tiny-vpred[:SEED]``: the tiny model as a v-prediction, zero-terminal-SNR checkpoint."""
+    match = TINY.match(model)
+    return bool(match and match.group(1))
 
 
 def is_hub_id(model: str) -> bool:

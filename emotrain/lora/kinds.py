@@ -34,6 +34,10 @@ class LoraKind:
     diffusers_parts = {"lora_A.weight": "down", "lora_B.weight": "up"}  # peft's layout
     live_down, live_up = "lora_A", "lora_B"  # a peft layer's ModuleDicts of the factors
 
+    def is_up(self, param_name: str) -> bool:
+        """A live parameter of an up (B) factor: what LoRA+ trains at lr x ratio."""
+        return f".{self.live_up}." in param_name
+
     # -- injection ---------------------------------------------------------------------
 
     def peft_config(self, rank: int, alpha: float, targets: Targets, conv_rank: int | None = None,

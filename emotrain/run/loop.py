@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 
 from ..disk import checkpoint
 from . import processes
+from .groups import param_groups, part_lrs
 from .batches import Batches
 from ..config import TrainConfig
 from ..dataset.encode import prepare_data
@@ -26,15 +27,16 @@ from ..disk.layout import RunFolder
 from ..lora.formats import FORMATS, load_lora_file
 from ..lora.inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
 from ..lora.live import load_into_model, lora_weights_from_model
-from ..loss import Objective
+from ..loss import Objective, check_schedule
 from ..optimizers import (build_optimizer, check_optimizer, evaluation_point, lr_schedule, parse_optim_args,
                           restore_train_point, takes_loss)
 from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import record as records
 from .record import RunRecord
-from ..sdxl import encode_prompts, load_sdxl, resolve_model, time_ids, unet_config
+from ..sdxl import encode_prompts, load_sdxl, model_schedule, resolve_model, time_ids, unet_config
 from .signals import StopRequests
+from ..watch.checks import check_samplers_for
 from ..watch.logs import accelerator_settings
 from ..watch.session import Watch
 
@@ -115,15 +117,20 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     with accelerator.main_process_first():  # what is built or downloaded once (demo images, tiny model)
         scanned = watch.hold_out(scan_data(cfg))  # --val-split images are never trained on
         source = resolve_model(cfg.model)
+    schedule = model_schedule(source, cfg.v_parameterization, cfg.zero_terminal_snr)
+    check_schedule(cfg, schedule)
+    check_samplers_for(cfg, schedule.zero_terminal_snr)
     check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
     loras = read_loras(cfg)
     with progress.task("loading model"):
-        sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision))
+        sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision), schedule=schedule)
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg, loras)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
     scanned.show(progress.console)
+    for note in schedule.notes:
+        progress.console.print(note)
     with accelerator.main_process_first():  # with the disk cache, one process encodes and the others load
         data = prepare_data(sdxl, scanned, cfg, device, progress, progress.console, watch.keeps_encoders)
     watch.prepare(sdxl, data, progress)  # the validation set encoded; encoders freed, or parked for samples
@@ -132,8 +139,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
 
     params = list(named_params.values())
     schedule, warmup = lr_schedule(cfg.optim, cfg.lr_scheduler, cfg.warmup_steps)  # schedule-free: its own warm-up
-    optimizer = build_optimizer(cfg.optim, params, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args),
-                                warmup_steps=cfg.warmup_steps)
+    optimizer = build_optimizer(cfg.optim, param_groups(cfg, named_params), cfg.lr, cfg.shadow,
+                                parse_optim_args(cfg.optim_args), warmup_steps=cfg.warmup_steps)
     if hasattr(optimizer, "sync_loss"):
         optimizer.sync_loss = False  # the loop hands it the loss already averaged over processes
     lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
@@ -149,6 +156,7 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     folder = RunFolder(cfg.output)
     run.info = {"model_source": sdxl.source, "versions": records.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
+                "prediction_type": schedule.prediction_type, "zero_terminal_snr": schedule.zero_terminal_snr,
                 "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
                 "resumed_from": folder.relative(resume) if resume else None}
     progress.console.print(processes.effective_batch_line(
@@ -350,7 +358,8 @@ def save_lora(run: Run, output: Path) -> dict:
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     with evaluation_point(run.optimizer.optimizer):
         weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = records.training_metadata(cfg, run.step, run.info["started_at"])
+    metadata = records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
+                                         part_lrs(cfg))
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items()}
@@ -386,7 +395,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                         raise survived(run, record, lost, start) from None
                     run.step += 1
                     record.add(loss, optimizer.emotion.s if takes_loss(optimizer) else None)
-                    progress.update(run.step, loss, record.emotion[-1], run.lr_scheduler.get_last_lr()[0])
+                    lrs = run.lr_scheduler.get_last_lr()
+                    progress.update(run.step, loss, record.emotion[-1], lrs[0] if len(set(lrs)) == 1 else lrs)
                     run.watch.after_step(run, loss)  # logs; validation and samples when due
                     if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
                         save_or_survive(run, record)

@@ -75,17 +75,23 @@ def memory_report(device, optimizer, lora_params, frozen_modules) -> dict:
     return report
 
 
-def training_metadata(cfg, steps: int, started_at: float) -> dict:
+def training_metadata(cfg, steps: int, started_at: float, schedule=None, lrs: dict | None = None) -> dict:
     """sd-scripts' ss_* training notes (what A1111/ComfyUI show about a LoRA), plus our
     whole config so a file says how it was made. LoRA files get shared: local files and
-    folders appear by name, never by path (``options.shareable``)."""
+    folders appear by name, never by path (``options.shareable``). ``schedule``: the noise
+    scheduler's config (prediction type, zero terminal SNR) the run trained with; ``lrs``:
+    each part's learning rate (run/groups.py)."""
+    lrs = lrs or {"unet": cfg.lr, "text_encoder": cfg.lr, "text_encoder_2": cfg.lr}
+    te_lrs = sorted({lrs["text_encoder"], lrs["text_encoder_2"]}, key=[lrs["text_encoder"], lrs["text_encoder_2"]].index)
+    v_pred = bool(schedule and schedule.get("prediction_type") == "v_prediction")
     return {
         "ss_training_started_at": str(started_at),
         "ss_output_name": Path(cfg.output).name,
         "ss_sd_model_name": Path(model_name(cfg.model)).name,  # sd-scripts: the model's file or folder name
         "ss_learning_rate": str(cfg.lr),
-        "ss_unet_lr": str(cfg.lr),
-        "ss_text_encoder_lr": str(cfg.lr if cfg.train_text_encoders else 0),
+        "ss_unet_lr": str(lrs["unet"]),
+        "ss_text_encoder_lr": (str(te_lrs[0]) if len(te_lrs) == 1 else str(te_lrs)) if cfg.train_text_encoders else "0",
+        "ss_loraplus_lr_ratio": str(cfg.loraplus_ratio),
         "ss_max_train_steps": str(cfg.steps),
         "ss_steps": str(steps),
         "ss_optimizer": cfg.optim + (" (use_shadow=True)" if cfg.shadow and cfg.optim.startswith("emo") else ""),
@@ -100,6 +106,20 @@ def training_metadata(cfg, steps: int, started_at: float) -> dict:
         "ss_min_snr_gamma": str(cfg.min_snr_gamma),
         "ss_noise_offset": str(cfg.noise_offset),
         "ss_max_grad_norm": str(cfg.max_grad_norm),
+        "ss_v_parameterization": str(v_pred),
+        "ss_zero_terminal_snr": str(bool(schedule and schedule.get("rescale_betas_zero_snr"))),
+        "ss_scale_v_pred_loss_like_noise_pred": str(cfg.scale_v_pred_loss_like_noise_pred),
+        "ss_loss_type": cfg.loss_type,
+        "ss_huber_c": str(cfg.huber_c),
+        "ss_huber_schedule": cfg.huber_schedule,
+        "ss_debiased_estimation": str(cfg.debiased_estimation),
+        "ss_min_timestep": str(cfg.min_timestep),
+        "ss_max_timestep": str(cfg.max_timestep or (schedule or {}).get("num_train_timesteps", 1000)),
+        "ss_ip_noise_gamma": str(cfg.ip_noise_gamma or None),
+        "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(cfg.multires_noise_discount),
+        "ss_noise_offset_random_strength": str(cfg.noise_offset_random_strength),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "emotrain_version": versions().get("emotrain") or "",
         "emotrain_config": json.dumps(shareable(cfg.to_dict()), sort_keys=True),  # names, not paths
     }

@@ -15,7 +15,7 @@ from .conditioning import encode_images, predict, time_ids
 from .prompts import CHUNK, count_tokens, encode_prompts, token_ids
 from .targets import LAYER_KINDS, TEXT_ENCODER_TARGETS, TRANSFORMER_KINDS, Targets, layer_kind, unet_targets
 from .meta import meta_parts, meta_unet, random_unet, unet_config
-from .model import SDXL, load_pipeline, load_sdxl, resolve_model
+from .model import SDXL, Schedule, load_pipeline, load_sdxl, model_schedule, resolve_model
 from .tiny import tiny_sdxl_path
 from .sgm import sgm_block_table, unet_name_from_sgm, unet_name_to_sgm
 from .keys import (

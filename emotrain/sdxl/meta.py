@@ -24,7 +24,7 @@ def unet_config(model: str = "sdxl") -> dict:
 
     if _is_sdxl_layout(model):
         return load_config("sdxl_unet")
-    if model == "tiny":
+    if model in ("tiny", "tiny-vpred"):
         from .tiny import TINY_UNET
         return TINY_UNET
     from .model import resolve_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..sources import check_model, is_hub_id, tiny_seed
+from ..sources import check_model, is_hub_id, tiny_seed, tiny_vpred
 
 
 @dataclass
@@ -33,7 +33,7 @@ def resolve_model(model: str) -> str:
     seed = tiny_seed(model)
     if seed is not None:
         from .tiny import tiny_sdxl_path
-        return str(tiny_sdxl_path(seed))
+        return str(tiny_sdxl_path(seed, tiny_vpred(model)))
     check_model(model)
     if is_hub_id(model):
         from huggingface_hub import snapshot_download
@@ -69,14 +69,78 @@ def load_pipeline(model: str, weight_dtype: torch.dtype = torch.float32, vae_dty
     return pipe, source
 
 
-def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32) -> SDXL:
-    """The parts training needs, frozen, with a DDPM scheduler of the model's schedule."""
+@dataclass(frozen=True)
+class Schedule:
+    """What the model predicts and whether its noise schedule reaches zero terminal SNR,
+    with the notes that say where that came from."""
+    prediction_type: str  # "epsilon" or "v_prediction"
+    zero_terminal_snr: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def v_prediction(self) -> bool:
+        return self.prediction_type == "v_prediction"
+
+
+def file_markers(path: str) -> set[str]:
+    """The marker keys a single-file checkpoint may carry (``v_pred``, ``ztsnr``: empty
+    tensors some v-prediction files hold, which ComfyUI reads), from the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return {k for k in f.keys() if k in ("v_pred", "ztsnr")}
+    except Exception as exc:
+        raise UserError(f"cannot read {path} ({exc}): pass an intact .safetensors checkpoint".splitlines()[0]) from None
+
+
+def model_schedule(source: str, v_parameterization: bool | None = None,
+                   zero_terminal_snr: bool | None = None) -> Schedule:
+    """The schedule of a resolved model (a local folder or file), read without its
+    weights: a diffusers folder's scheduler config, a single file's marker keys. The
+    flags (None: not given) win over the model, with a note where they disagree."""
+    import json
+
+    notes = []
+    path = Path(source)
+    if path.is_file():
+        markers = file_markers(source)
+        v_model, z_model = "v_pred" in markers, "ztsnr" in markers
+        if markers:
+            notes.append(f"{path.name} marks itself {' and '.join(sorted(markers))} (as ComfyUI reads it): "
+                         + ", ".join((["v-prediction"] if v_model else []) + (["zero terminal SNR"] if z_model else [])))
+    else:
+        config_file = path / "scheduler" / "scheduler_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        v_model = config.get("prediction_type", "epsilon") == "v_prediction"
+        z_model = bool(config.get("rescale_betas_zero_snr", False))
+    v = v_model if v_parameterization is None else v_parameterization
+    z = z_model if zero_terminal_snr is None else zero_terminal_snr
+    for flag, given, model_says in (("v-parameterization", v_parameterization, v_model),
+                                    ("zero-terminal-snr", zero_terminal_snr, z_model)):
+        if given is not None and given != model_says:
+            notes.append(f"note: --{'' if given else 'no-'}{flag} overrides the model, which says "
+                         f"{'on' if model_says else 'off'}")
+    if z and not v:
+        raise UserError("zero_terminal_snr: a zero-terminal-SNR schedule needs a v-prediction model (at the last "
+                        "timestep epsilon says nothing about the image): add --v-parameterization or drop "
+                        "--zero-terminal-snr")
+    return Schedule("v_prediction" if v else "epsilon", z, tuple(notes))
+
+
+def load_sdxl(model: str, weight_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
+              schedule: Schedule | None = None) -> SDXL:
+    """The parts training needs, frozen, with a DDPM scheduler of the model's schedule
+    (``schedule``: a prediction type and zero terminal SNR other than the model's own)."""
     from diffusers import DDPMScheduler
 
     pipe, source = load_pipeline(model, weight_dtype, vae_dtype)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(False)
         m.eval()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    schedule = schedule or model_schedule(source)
+    # rescale_betas_zero_snr: diffusers' rescale_zero_terminal_snr on the betas (the last alpha-bar is 0)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=schedule.prediction_type,
+                                                rescale_betas_zero_snr=schedule.zero_terminal_snr)
     return SDXL(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                 noise_scheduler, source)

@@ -5,6 +5,8 @@ cross-attention in the two deeper levels, a text-time additional embedding, two 
 text encoders whose hidden sizes add up to the cross-attention width, an 8x VAE and
 SDXL's noise schedule), so every code path that runs on SDXL runs here in seconds.
 It is written once as an ordinary diffusers folder and then loaded like any model.
+``vpred``: the same weights with a scheduler that says v-prediction and zero terminal
+SNR, as a NoobAI-XL v-pred folder does (``--model tiny-vpred``).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def _write_tokenizer(folder: Path, pad_token: str) -> int:
     return len(tokens)
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
+def build_tiny_sdxl(folder: Path, seed: int = 0, vpred: bool = False) -> None:
     """Write the tiny model as a diffusers SDXL folder; same seed, same weights."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -108,18 +110,19 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> None:
     vae = seeded(2, lambda: AutoencoderKL.from_config(TINY_VAE))
     te1 = seeded(3, lambda: CLIPTextModel(CLIPTextConfig(**_text_config(False), **specials)))
     te2 = seeded(4, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(True), **specials)))
-    scheduler = EulerDiscreteScheduler.from_config(load_config("sdxl_scheduler"))
+    schedule = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True} if vpred else {}
+    scheduler = EulerDiscreteScheduler.from_config(load_config("sdxl_scheduler"), **schedule)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def tiny_sdxl_path(seed: int = 0) -> Path:
+def tiny_sdxl_path(seed: int = 0, vpred: bool = False) -> Path:
     """The tiny model's folder, built on first use. Built in a temporary folder and
     renamed into place, so an interrupted build is never mistaken for a model."""
-    folder = cache_root() / f"tiny-sdxl-v{FORMAT_VERSION}-seed{seed}"
+    folder = cache_root() / f"tiny-sdxl-v{FORMAT_VERSION}{'-vpred' if vpred else ''}-seed{seed}"
     if (folder / "model_index.json").is_file():
         return folder
     with atomic_path(folder, directory=True, if_exists="keep") as tmp:  # racing builds are identical
-        build_tiny_sdxl(tmp, seed)
+        build_tiny_sdxl(tmp, seed, vpred)
     return folder

@@ -88,7 +88,10 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(cfg.seed)
-    scheduler = DDPMScheduler.from_config(sdxl.load_config("sdxl_scheduler"))  # the tiny model shares it
+    scheduler = DDPMScheduler.from_config(  # the tiny model shares it
+        sdxl.load_config("sdxl_scheduler"), rescale_betas_zero_snr=bool(cfg.zero_terminal_snr),
+        prediction_type="v_prediction" if cfg.v_parameterization or cfg.zero_terminal_snr
+        or cfg.scale_v_pred_loss_like_noise_pred else "epsilon")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     args = parse_optim_args(cfg.optim_args)
     objective = Objective.of(cfg)

@@ -9,6 +9,20 @@ from pathlib import Path
 from .prompts import read_prompt_file, sample_prompts
 
 
+def check_samplers_for(cfg, zero_terminal_snr: bool) -> None:
+    """A zero-terminal-SNR schedule is sampled only by schedulers that honour it."""
+    from ..errors import UserError
+    from ..samplers import without_zero_snr
+
+    if not zero_terminal_snr:
+        return
+    unfit = without_zero_snr([cfg.sample_sampler, *(p.sampler for p in sample_prompts(cfg))]
+                             if cfg.sample_prompts or cfg.sample_prompt else [])
+    if unfit:
+        raise UserError(f"sample_sampler: {', '.join(unfit)} cannot sample a zero-terminal-SNR model: use euler, "
+                        "euler_a, ddim, dpm++2m or unipc")
+
+
 def check_watch_options(cfg, bad) -> None:
     if cfg.val_data and cfg.val_split:
         bad("val_split", "--val-data and --val-split both given: validate on a folder or on held-out images, not both")

@@ -99,7 +99,8 @@ class TrainProgress:
     def __exit__(self, *exc):
         self._progress.stop()
 
-    def update(self, step: int, loss: float, emotion: float | None, lr: float) -> None:
+    def update(self, step: int, loss: float, emotion: float | None, lr: float | list[float]) -> None:
+        """``lr``: one number, or each parameter group's where they differ."""
         self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
         now = time.perf_counter()
         if self._started is None:  # timed from the first finished step: excludes warm-up
@@ -107,7 +108,8 @@ class TrainProgress:
         elapsed = now - self._started
         rate = (step - self._first_step) / elapsed if elapsed > 0 else None
         eta = clock((self.total - step) / rate) if rate else "?"
-        stats = f"loss {self.smoothed:.4f}" + (f" s {emotion:+.3f}" if emotion is not None else "") + f" lr {lr:.1e}"
+        stats = f"loss {self.smoothed:.4f}" + (f" s {emotion:+.3f}" if emotion is not None else "") + " lr " + (
+            "/".join(f"{x:.1e}" for x in lr) if isinstance(lr, list) else f"{lr:.1e}")
         speed = f"{rate:.2f} it/s" if rate else "- it/s"
         if self.plain:
             if self._due() or step in (self._first_step, self.total):

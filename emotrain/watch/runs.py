@@ -17,7 +17,8 @@ from ..optimizers import DISPLAY
 # What must match for two validation losses to be comparable, with how to say it.
 VALIDATION_KEYS = {"data": "training data", "images_sha256": "validation images", "seed": "seed (noise)",
                    "timesteps": "validation timesteps", "model": "model", "resolution": "resolution",
-                   "min_snr_gamma": "loss weighting (min-SNR)"}
+                   "min_snr_gamma": "loss weighting (min-SNR)",
+                   "objective": "loss definition (type, weighting, timestep range)"}
 
 
 @dataclass

@@ -17,12 +17,20 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 
 from ..disk.atomic import atomic_path
-from ..samplers import sampler
+from ..samplers import V_PRED_GUIDANCE_RESCALE, V_PRED_SETTINGS, sampler
 from ..sdxl import CHUNK as CLIP_TOKENS, count_tokens
 from ..sources import model_name
 from .prompts import SamplePrompt
 
+def v_pred_model(config) -> bool:
+    """A v-prediction or zero-terminal-SNR schedule: sampled with trailing timesteps and
+    rescaled guidance."""
+    return config.prediction_type == "v_prediction" or bool(config.get("rescale_betas_zero_snr"))
+
+
 def make_scheduler(name: str, config):
+    """The sampler's scheduler on the training schedule (its prediction type and zero
+    terminal SNR included)."""
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
@@ -30,7 +38,8 @@ def make_scheduler(name: str, config):
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # the training schedule's config has keys a sampler ignores
     try:
-        return getattr(diffusers, chosen.scheduler).from_config(config, **chosen.settings)
+        extra = V_PRED_SETTINGS if v_pred_model(config) else {}
+        return getattr(diffusers, chosen.scheduler).from_config(config, **chosen.settings, **extra)
     finally:
         diffusers_logging.set_verbosity(level)
 
@@ -128,6 +137,7 @@ def generate(run, prompts: list[SamplePrompt], step: int, folder) -> list:
     unet = accelerator.unwrap_model(run.models[0])
     encoders = [accelerator.unwrap_model(m) for m in run.models[1:3]] or list(sdxl.text_encoders)
     schedulers = {}
+    rescale = V_PRED_GUIDANCE_RESCALE if v_pred_model(sdxl.noise_scheduler.config) else 0.0
     out = []
     with on_device(frozen_parts(sdxl, cfg), device):
         pipe = StableDiffusionXLPipeline(vae=sdxl.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
@@ -141,7 +151,8 @@ def generate(run, prompts: list[SamplePrompt], step: int, folder) -> list:
             generator = torch.Generator().manual_seed(p.seed)  # on the CPU: the same picture on any device
             with accelerator.autocast(), _pipeline_quiet():
                 image = pipe(prompt=p.prompt, negative_prompt=p.negative or None, width=p.width, height=p.height,
-                             num_inference_steps=p.steps, guidance_scale=p.cfg, generator=generator).images[0]
+                             num_inference_steps=p.steps, guidance_scale=p.cfg, guidance_rescale=rescale,
+                             generator=generator).images[0]
             path = folder.sample(step, k)
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG", pnginfo=png_info(p, step, model_name(cfg.model)))

@@ -33,6 +33,7 @@ class Watch:
         self.val_every, self.sample_every = interval(cfg.val_every, cfg), interval(cfg.sample_every, cfg)
         self.validation, self._held_out, self.metrics, self.progress = None, [], None, None
         self.smoothed, self.train_time, self._lr, self._norm = None, 0.0, None, None
+        self._group_lrs = {}
         self._log_next, self._last_log, self._mark = False, (0, 0.0), 0.0
 
     def hold_out(self, scanned):
@@ -86,7 +87,10 @@ class Watch:
     def before_update(self, run, norm) -> None:
         """Gradients are final: note the lr this step uses and, on a logging step, the
         gradient norm before clipping (``norm``: what clipping returned, if it ran)."""
-        self._lr = run.optimizer.optimizer.param_groups[0]["lr"]
+        groups = run.optimizer.optimizer.param_groups
+        self._lr = groups[0]["lr"]
+        self._group_lrs = {f"train/lr/{g.get('name', k)}": g["lr"] for k, g in enumerate(groups)} \
+            if len({g["lr"] for g in groups}) > 1 else {}
         if self._log_next:
             self._norm = norm if norm is not None else logs.gradient_norm(run.named_params.values(),
                                                                            run.accelerator.scaler)
@@ -97,7 +101,7 @@ class Watch:
         if self.main:
             self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
             record = {"step": run.step, "time": self.train_time, "train/loss": loss,
-                      "train/loss_smoothed": self.smoothed, "train/lr": self._lr}
+                      "train/loss_smoothed": self.smoothed, "train/lr": self._lr, **self._group_lrs}
             record.update(logs.optimizer_scalars(run.optimizer.optimizer, counted=self._log_next))
             record.update(logs.lr_free_scalars(run.optimizer.optimizer, self._lr))
             if self._log_next:

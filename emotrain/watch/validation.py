@@ -6,7 +6,8 @@ when the run starts. The loss is the training loss (same prediction target, same
 min-SNR weighting, the image's loss mask if it has one) at those fixed points, under
 no_grad: two runs on the same data get the same number at step 0 whatever their
 optimizer, and any later difference is the training's. What changes per draw in
-training (flips, random crops, caption shuffles and dropout, noise offset) is left out:
+training (flips, random crops, caption shuffles and dropout, noise offset, multi-resolution
+noise, input perturbation) is left out:
 each image is seen as its bucket's centre crop, with its fixed caption.
 """
 
@@ -70,9 +71,9 @@ def split_validation(cfg, scanned) -> tuple:
     return dataclasses.replace(scanned, entries=kept), _distinct(e for e in scanned.entries if e.example.image in held)
 
 
-def stratified_timesteps(count: int, total: int, generator: torch.Generator) -> torch.Tensor:
-    """One timestep drawn uniformly inside each of ``count`` equal slices of [0, total)."""
-    edges = [k * total // count for k in range(count + 1)]
+def stratified_timesteps(count: int, total: int, generator: torch.Generator, start: int = 0) -> torch.Tensor:
+    """One timestep drawn uniformly inside each of ``count`` equal slices of [start, total)."""
+    edges = [start + k * (total - start) // count for k in range(count + 1)]
     return torch.stack([torch.randint(lo, max(hi, lo + 1), (), generator=generator)
                         for lo, hi in zip(edges, edges[1:])])
 
@@ -109,15 +110,18 @@ class Validation:
             self.items.append(item)
             if advance:
                 advance()
-        total = sdxl.noise_scheduler.config.num_train_timesteps
+        start, total = self.objective.timestep_range(sdxl.noise_scheduler)  # the training's range
         self.noise = [torch.randn((cfg.val_timesteps, *item.latents.shape), generator=generator) for item in self.items]
-        self.timesteps = [stratified_timesteps(cfg.val_timesteps, total, generator) for _ in self.items]
+        self.timesteps = [stratified_timesteps(cfg.val_timesteps, total, generator, start) for _ in self.items]
         names = sorted(f"{e.example.image.name}:{e.example.image.stat().st_size}:{e.example.caption}" for e in entries)
         self.description = {
             "images": len(self.items), "timesteps": cfg.val_timesteps, "seed": cfg.seed,
             "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
             "data": str(cfg.dataset_config or cfg.data), "source": cfg.val_data or f"val_split {cfg.val_split}",
             "model": str(sdxl.source), "resolution": cfg.resolution, "min_snr_gamma": cfg.min_snr_gamma,
+            "objective": {k: v for k, v in self.objective.describe().items()
+                          if k not in ("noise_offset", "noise_offset_random_strength", "ip_noise_gamma",
+                                       "multires_noise_iterations", "multires_noise_discount")},
         }
 
     @torch.no_grad()

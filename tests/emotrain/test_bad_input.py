@@ -72,6 +72,7 @@ PATH_CASES = {
                       "x --s \u00b2", "x --d \u00b3", "x --w \u0661\u0662\u0668", f"x --d {2**70}", "x --d -1",
                       "x --d " + "9" * 5000, "x --l nan", "x --l inf", "x --l 1e400", "x --l -1", "x --l 1_0",
                       "x --w 99999", "x --s 1001", "x --s 2 --s 3"],
+    "text-encoder-lr": ["", "abc", "nan", "inf", "-1", "0", "1e400", "11", "1e-4 2e-4 3e-4", "1e-4 x", NOT_UTF8],
 }
 
 
@@ -281,3 +282,20 @@ def test_the_issue_list_answers_in_one_line_before_any_model_loads(tmp_path, fil
         out = subprocess.run([sys.executable, "-m", "emotrain", *args], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+CONTRADICTIONS = [  # options that are each fine alone (issue 16)
+    ["--zero-terminal-snr", "--no-v-parameterization"],
+    ["--scale-v-pred-loss-like-noise-pred", "--no-v-parameterization"],
+    ["--zero-terminal-snr"],  # the tiny model is epsilon: zero terminal SNR needs v-prediction
+    ["--scale-v-pred-loss-like-noise-pred"],
+    ["--model", "tiny-vpred", "--sample-prompt", "x --w 64 --h 64", "--sample-sampler", "heun"],
+    ["--min-timestep", "500", "--max-timestep", "500"],
+    ["--min-timestep", "900", "--max-timestep", "100"],
+    ["--noise-offset-random-strength"],  # no --noise-offset to draw a strength of
+    ["--text-encoder-lr", "1e-4"],  # the text encoders are not trained
+]
+
+
+def test_contradictions_are_refused(tmp_path, monkeypatch):
+    run_cases(tmp_path, monkeypatch, CONTRADICTIONS)

@@ -111,3 +111,18 @@ def test_checkpoint_state_loads_without_pickle(tmp_path):
     train(out, "--steps", "2", "--optim", "emosens", "--shadow")
     state = torch.load(choose_checkpoint(out)[0] / "training_state.pt", weights_only=True)
     assert {"optimizer", "lr_scheduler", "noise_generator", "rng"} <= set(state)
+
+
+def test_resume_is_bit_identical_with_the_loss_and_noise_options(tmp_path):
+    """Every new draw (offset strength, pyramid noise, timestep range, input perturbation)
+    comes from the run's generator: a stop and --resume replays it."""
+    common = ["--loss-type", "huber", "--huber-schedule", "exponential", "--debiased-estimation",
+              "--min-timestep", "100", "--max-timestep", "900", "--ip-noise-gamma", "0.1",
+              "--multires-noise-iterations", "3", "--noise-offset", "0.05", "--noise-offset-random-strength"]
+    train(tmp_path / "straight", *common, "--steps", "4")
+    train(tmp_path / "split", *common, "--steps", "2")
+    run_cli("sdxl-lora", "--resume", tmp_path / "split", "--steps", "4")
+    assert_identical(tmp_path / "straight", tmp_path / "split")
+    plain = tmp_path / "plain"
+    train(plain, "--steps", "4")
+    assert not torch.equal(*(next(iter(lora_tensors(d).values())) for d in (plain, tmp_path / "straight")))

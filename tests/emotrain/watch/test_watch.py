@@ -208,3 +208,35 @@ def test_samples_use_the_live_lora_text_encoders_included(tmp_path, tiny_path):
     assert np.array_equal(sample(0), picture())  # step 0: the base model
     assert np.array_equal(sample(2), picture(out / "pytorch_lora_weights.safetensors"))
     assert not np.array_equal(sample(2), picture(tmp_path / "unet_only.safetensors"))
+
+
+def test_v_prediction_zero_snr_run_samples_as_diffusers_does(tmp_path):
+    """The tiny v-pred model trained with --v-parameterization --zero-terminal-snr: the
+    LoRA says so in its header and run.json, and a sample equals diffusers' own pipeline
+    with the saved LoRA, trailing timesteps and guidance rescale 0.7."""
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from emotrain.sdxl import tiny_sdxl_path
+
+    out = tmp_path / "vpred"
+    train(out, "--model", "tiny-vpred", "--v-parameterization", "--zero-terminal-snr",
+          "--scale-v-pred-loss-like-noise-pred", "--steps", "2", "--lr", "1e-2", "--optim", "adamw",
+          "--sample-prompt", "a red circle --w 64 --h 64 --s 3 --d 4", "--sample-every", "0")
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_v_parameterization"], meta["ss_zero_terminal_snr"], meta["modelspec.prediction_type"],
+            meta["ss_scale_v_pred_loss_like_noise_pred"]) == ("True", "True", "v", "True")
+    record = run_json(out)
+    assert (record["prediction_type"], record["zero_terminal_snr"]) == ("v_prediction", True)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path(vpred=True))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+    expected = pipe(prompt="a red circle", width=64, height=64, num_inference_steps=3, guidance_scale=7.0,
+                    guidance_rescale=0.7, generator=torch.Generator().manual_seed(4)).images[0]
+    with Image.open(out / "samples" / "step-000002-00.png") as img:
+        assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(expected))
