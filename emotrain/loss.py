@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .precision import weight_dtype
+from .precision import to_device, weight_dtype
 from .sdxl import predict
 
 
@@ -48,7 +48,7 @@ class Objective:
     def per_sample(self, unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, time_ids,
                    weight: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted loss of each sample at the given noise and timesteps."""
-        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        noise, timesteps = to_device(noise, latents.device), to_device(timesteps, latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         pred = predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids, self.dtype)
         error = F.mse_loss(pred.float(), target(scheduler, latents, noise, timesteps).float(), reduction="none")
