@@ -15,7 +15,7 @@ of the fp32 factors in fp32 (the master weights stay fp32). 3x3 convolutions (Lo
 the same with convolutions and one ``add`` with ``alpha``. Without autocast (fp32 runs)
 the layer runs peft's own forward, unchanged bit for bit.
 
-``install(model)`` swaps the classes of the model's plain ``lora`` layers (one adapter,
+``install(model, adapter)`` swaps the classes of the model's plain ``lora`` layers (one adapter,
 no dropout, no bias on B, no variant) for the subclasses below; any other layer keeps
 peft's forward. The results equal peft's within bf16 rounding (tests/emotrain/lora/).
 """
@@ -25,8 +25,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import layer as peft_layer
-
-from .kinds import ADAPTER
 
 CACHE = "_emotrain_casts"  # the layer attribute holding (key, a, b) between forward and backward
 
@@ -43,8 +41,8 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
 def _casts(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A and B in ``dtype``: cast once, then reused until the weights change or the layer's
     backward releases them (outside autograd: the function writes the factors' gradients)."""
-    A, B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-    key = (A._version, B._version, A.data_ptr(), B.data_ptr(), dtype)
+    A, B = layer.lora_A[layer.emotrain_adapter].weight, layer.lora_B[layer.emotrain_adapter].weight
+    key = (A._version, B._version, dtype)  # an optimizer step or a load bumps the versions
     cached = getattr(layer, CACHE, None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
@@ -96,7 +94,7 @@ def _conv_args(conv) -> tuple:
 class _ConvLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, layer, a, b, scale):
-        base, down = layer.base_layer, layer.lora_A[ADAPTER]
+        base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
         y = F.conv2d(x, base.weight, base.bias, *_conv_args(base))
         h = F.conv2d(x, a, None, *_conv_args(down))
         out = torch.add(y, F.conv2d(h, b), alpha=scale)
@@ -108,7 +106,7 @@ class _ConvLora(torch.autograd.Function):
     def backward(ctx, grad):
         x, h = ctx.saved_tensors
         layer, a, b = ctx.layer, ctx.a, ctx.b
-        base, down = layer.base_layer, layer.lora_A[ADAPTER]
+        base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
         backward = torch.ops.aten.convolution_backward
         gs = grad * ctx.scale
         gh, gB, _ = backward(gs, h, b, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
@@ -128,15 +126,18 @@ class _ConvLora(torch.autograd.Function):
 class _Fast:
     """Mixed into peft's layer classes: the fused forward under autocast."""
 
+    emotrain_adapter: str  # the layer's one adapter (``install`` sets it)
+
     def forward(self, x, *args, **kwargs):
-        A = self.lora_A[ADAPTER].weight
+        name = self.emotrain_adapter
+        A = self.lora_A[name].weight
         dtype = _compute_dtype(x, A)
         if dtype is None or args or kwargs or self.disable_adapters or self.merged \
-                or list(self.active_adapters) != [ADAPTER] or self.base_layer.weight.requires_grad:
+                or list(self.active_adapters) != [name] or self.base_layer.weight.requires_grad:
             return super().forward(x, *args, **kwargs)
         a, b = _casts(self, dtype)
         x = x if x.dtype == dtype else x.to(dtype)
-        return self._function.apply(x, A, self.lora_B[ADAPTER].weight, self, a, b, float(self.scaling[ADAPTER]))
+        return self._function.apply(x, A, self.lora_B[name].weight, self, a, b, float(self.scaling[name]))
 
 
 class FastLinear(_Fast, peft_layer.Linear):
@@ -150,24 +151,26 @@ class FastConv2d(_Fast, peft_layer.Conv2d):
 _FAST = {peft_layer.Linear: FastLinear, peft_layer.Conv2d: FastConv2d}
 
 
-def plain(layer) -> bool:
+def plain(layer, adapter: str) -> bool:
     """Whether ``layer`` carries exactly the plain LoRA this forward computes."""
-    if type(layer) not in _FAST or list(layer.lora_A) != [ADAPTER] or layer.lora_variant:
+    if type(layer) not in _FAST or list(layer.lora_A) != [adapter] or layer.lora_variant:
         return False
-    if not isinstance(layer.lora_dropout[ADAPTER], torch.nn.Identity) or layer.lora_B[ADAPTER].bias is not None:
+    if not isinstance(layer.lora_dropout[adapter], torch.nn.Identity) or layer.lora_B[adapter].bias is not None:
         return False
     if isinstance(layer, peft_layer.Conv2d):
-        B = layer.lora_B[ADAPTER]
+        B = layer.lora_B[adapter]
         return layer.base_layer.groups == 1 and B.groups == 1 and tuple(B.stride) == (1, 1) \
             and tuple(B.padding) == (0, 0)
     return not getattr(layer, "fan_in_fan_out", False)
 
 
-def install(model: torch.nn.Module) -> int:
-    """Give the model's plain ``lora`` layers the fused forward; -> how many."""
+def install(model: torch.nn.Module, adapter: str) -> int:
+    """Give the model's plain ``lora`` layers (one adapter, ``adapter``) the fused
+    forward; -> how many."""
     count = 0
     for module in model.modules():
-        if plain(module):
+        if plain(module, adapter):
             module.__class__ = _FAST[type(module)]
+            module.emotrain_adapter = adapter
             count += 1
     return count

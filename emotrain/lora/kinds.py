@@ -72,7 +72,7 @@ class LoraKind:
     def install_forward(self, model) -> int:
         """The fused forward under mixed precision (fast.py) on the model's plain layers."""
         from .fast import install
-        return install(model)
+        return install(model, ADAPTER)
 
     # -- the live model ----------------------------------------------------------------
 
