@@ -2,7 +2,7 @@
 
     python benchmarks/step_ops.py              # the table (about a minute on 2 cores)
     python benchmarks/step_ops.py --peft       # the same with peft's own LoRA forward
-    python benchmarks/step_ops.py --cpu-steps 5  # also time the tiny model's CPU step
+    python benchmarks/step_ops.py --cpu-steps 5 --no-sdxl  # the tiny model's CPU step only
 
 Counts the aten operations dispatched (``TorchDispatchMode``) by one forward and backward
 of the training loss (``emotrain.loss.Objective``: noise, min-SNR 5) on SDXL 1.0's UNet
@@ -151,11 +151,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peft", action="store_true", help="count peft's own LoRA forward")
     ap.add_argument("--cpu-steps", type=int, default=0, help="also time N tiny-model steps per round")
+    ap.add_argument("--no-sdxl", action="store_true", help="only the tiny model's CPU time")
     args = ap.parse_args()
     if args.cpu_steps:
         t = cpu_step_seconds(args.cpu_steps)
         print(f"tiny model, CPU, bf16 autocast, checkpointing: peft {t['peft'] * 1000:.1f} ms, "
-              f"emotrain {t['emotrain'] * 1000:.1f} ms per forward+backward (median)")
+              f"emotrain {t['emotrain'] * 1000:.1f} ms per forward+backward (median)", flush=True)
+    if args.no_sdxl:
+        return
     print("| forward | kind | targets | checkpointing | LoRA layers | aten ops | non-view | _to_copy | "
           "mm+addmm+bmm | mul | add | top non-view ops |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
