@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
-from .precision import weight_dtype
+from .precision import to_device, weight_dtype
 from .sdxl import predict
 
 
@@ -89,8 +89,8 @@ class Objective:
     def per_sample(self, unet, scheduler, latents, noise, timesteps, prompt_embeds, pooled, time_ids,
                    weight: torch.Tensor | None = None, perturbation: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted loss of each sample at the given noise and timesteps."""
-        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
-        model_noise = noise if perturbation is None else noise + perturbation.to(noise.device)
+        noise, timesteps = to_device(noise, latents.device), to_device(timesteps, latents.device)
+        model_noise = noise if perturbation is None else noise + to_device(perturbation, noise.device)
         noisy = scheduler.add_noise(latents, model_noise, timesteps)
         pred = predict(unet, noisy, timesteps, prompt_embeds, pooled, time_ids, self.dtype)
         error = self.elementwise(pred.float(), target(scheduler, latents, noise, timesteps).float(), scheduler,

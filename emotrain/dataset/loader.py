@@ -16,6 +16,7 @@ import torch
 
 from ..disk.atomic import write_text
 from ..errors import InputLost, UserError
+from ..precision import to_device
 from ..sdxl import encode_images, time_ids
 from .buckets import Placement
 from .captions import draw_caption, fixed_caption
@@ -124,7 +125,7 @@ class TrainingData:
             caption = draw_caption(entry.example.caption, subset, draws) if subset.per_draw_captions \
                 else fixed_caption(entry.example.caption, subset)
             lat, mask, crop = self._latents(entry, item, flip, draws, generator)
-            latents.append(lat.to(self.device))
+            latents.append(lat)
             masks.append(mask)
             ids.append(time_ids(item.place.original, item.place.flipped_crop(crop) if flip else crop,
                                 item.place.target))
@@ -134,14 +135,16 @@ class TrainingData:
                             "regularization": subset.is_reg, "crop": list(crop)})
         if self.log is not None and step is not None:
             self.log.write(step, records)
-        stacked = torch.stack(latents)
+        # Stacked where they are (cached: on the host), then one pinned, non-blocking copy each.
+        stacked = to_device(torch.stack(latents), self.device) if all(t.device.type == "cpu" for t in latents) \
+            else torch.stack([t.to(self.device) for t in latents])  # random crops encoded on the device
         weight = None
         if any(m is not None for m in masks) or any(w != 1.0 for w in weights):
-            weight = torch.stack([(m if m is not None else torch.ones(1, *stacked.shape[2:])) * w
-                                  for m, w in zip(masks, weights)]).to(self.device)
+            weight = to_device(torch.stack([(m if m is not None else torch.ones(1, *stacked.shape[2:])) * w
+                                            for m, w in zip(masks, weights)]), self.device)
         embeds = pooled = None
         if self.texts:
             texts = [self.cache.load(self.texts[c]) for c in captions]
-            embeds = torch.stack([t["embeds"] for t in texts]).to(self.device)
-            pooled = torch.stack([t["pooled"] for t in texts]).to(self.device)
-        return Batch(stacked, torch.stack(ids).to(self.device), captions, embeds, pooled, weight)
+            embeds = to_device(torch.stack([t["embeds"] for t in texts]), self.device)
+            pooled = to_device(torch.stack([t["pooled"] for t in texts]), self.device)
+        return Batch(stacked, to_device(torch.stack(ids), self.device), captions, embeds, pooled, weight)

@@ -5,6 +5,8 @@ how it is written to and read from files, and how several are stacked.
   its tensor names (live model, kohya/LyCORIS file, diffusers file), its delta, its size.
 - ``inject``: the peft config a run asks for or a file reproduces; injection; SDXL with
   an adapter on the meta device or with random weights.
+- ``fast``: the ``lora`` kind's forward under mixed precision: one autograd function per
+  layer in the autocast dtype, fewer operations than peft's; fp32 runs keep peft's.
 - ``live``: reading a model's adapter out (saving) and putting a file's in (continuing).
 - ``weights``: ``LoraWeights``, the one shape every LoRA takes between a file and a model.
 - ``formats``: the file formats (kohya, diffusers), one registry for save, load,

@@ -49,8 +49,10 @@ def lora_config_for(weights: LoraWeights, component: str = sdxl.UNET):
     return LORA.exact_config(modules, {n: sdxl.peft_target(component, n) for n in modules})
 
 
-def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER) -> list:
-    """Inject an adapter with peft; freeze the base; return the new trainable parameters."""
+def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER, fast: bool = True) -> list:
+    """Inject an adapter with peft; freeze the base; return the new trainable parameters.
+    ``fast``: the kind's own forward under mixed precision (fast.py) where it has one;
+    False keeps peft's."""
     from peft import inject_adapter_in_model
 
     module.requires_grad_(False)
@@ -62,6 +64,8 @@ def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER) -> list:
             p.data = p.data.float()
             p.requires_grad_(True)
             params.append(p)
+    if fast and adapter == ADAPTER:
+        LORA.install_forward(module)
     return params
 
 

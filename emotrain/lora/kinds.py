@@ -73,6 +73,11 @@ class LoraKind:
         from peft import LoraConfig
         return LoraConfig(init_lora_weights=True, **self.exact_config_kwargs(modules, peft_targets))
 
+    def install_forward(self, model) -> int:
+        """The fused forward under mixed precision (fast.py) on the model's plain layers."""
+        from .fast import install
+        return install(model, ADAPTER)
+
     # -- the live model ----------------------------------------------------------------
 
     def is_layer(self, module, adapter: str | None = ADAPTER) -> bool:

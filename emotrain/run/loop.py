@@ -208,8 +208,9 @@ def micro_batch_loss(run: Run) -> torch.Tensor:
         embeds, pooled = encode_prompts(run.sdxl, batch.captions, batch.latents.device, run.cfg.max_token_length)
     loss = run.objective.loss(run.models[0], run.sdxl.noise_scheduler, batch.latents, embeds, pooled, batch.time_ids,
                               run.noise, weight=batch.weight)
-    run.trace.write(step=run.step + 1, examples=indices, loss=loss.item(),
-                    images=[run.data.entries[i].example.image.name for i in indices])
+    if run.trace.path:  # its loss.item() is a host sync: only when tracing
+        run.trace.write(step=run.step + 1, examples=indices, loss=loss.item(),
+                        images=[run.data.entries[i].example.image.name for i in indices])
     return loss
 
 

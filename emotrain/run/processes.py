@@ -75,8 +75,8 @@ def agree(accelerator, loss, stop_requested: bool) -> tuple[float, bool]:
     import torch
     both = torch.stack([loss.detach().double().reshape(()),
                         torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)])
-    total = accelerator.reduce(both, reduction="sum")
-    return (total[0] / accelerator.num_processes).item(), bool(total[1] > 0)
+    total, stops = accelerator.reduce(both, reduction="sum").tolist()  # the step's one host sync
+    return total / accelerator.num_processes, stops > 0
 
 
 # What gloo and NCCL say when the other end of a collective is gone.

@@ -1,0 +1,177 @@
+"""How many operations one SDXL training step launches, counted without hardware.
+
+    python benchmarks/step_ops.py              # the table (about a minute on 2 cores)
+    python benchmarks/step_ops.py --peft       # the same with peft's own LoRA forward
+    python benchmarks/step_ops.py --cpu-steps 5 --no-sdxl  # the tiny model's CPU step only
+
+Counts the aten operations dispatched (``TorchDispatchMode``) by one forward and backward
+of the training loss (``emotrain.loss.Objective``: noise, min-SNR 5) on SDXL 1.0's UNet
+(the shipped config) at 1024 px, batch 1, bf16 base weights with fp32 LoRA under bf16
+autocast, rank 32 / alpha 16, conv rank 8 / alpha 4, gradient checkpointing on and off,
+``full`` and ``transformer`` targets. The UNet is built from meta tensors (``FakeTensorMode``:
+shapes only, no memory, no kernels) placed on a fake CPU device, so that autocast applies
+as it does in training (the meta device has no autocast). CPU autocast's policy is used:
+it keeps group_norm and layer_norm in bf16, where CUDA's runs them in fp32, so on a GPU
+the UNet itself adds casts this count does not see; the LoRA layers' casts are the same
+under both policies.
+
+"non-view" leaves out the operations that make no kernel (views, reshapes, detach,
+transposes, ``t``...); ``_to_copy`` is a dtype cast; ``mm``/``addmm`` the matrix
+products. ``--peft`` counts the forward peft itself runs (the ``lora`` kind before
+issue 20); without it, emotrain's (``emotrain.lora.fast``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+def is_view(func) -> bool:
+    """Whether ``func`` only makes a view or an alias (no kernel runs)."""
+    schema = func._schema
+    if func.is_view or func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
+        return True
+    # _unsafe_view, view, t, transpose, expand, ... all return an alias of an input
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns) \
+        or func.__name__.split(".")[0] in ("_unsafe_view", "lift_fresh")
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "aten":  # FakeTensor's own queries (prim.device), no kernel
+            return func(*args, **(kwargs or {}))
+        self.ops[func.overloadpacket.__name__ + ("" if not is_view(func) else " (view)")] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        non_view = {k: v for k, v in self.ops.items() if not k.endswith("(view)")}
+        return {"all": sum(self.ops.values()), "non_view": sum(non_view.values()),
+                "_to_copy": non_view.get("_to_copy", 0),
+                "matmul": sum(non_view.get(k, 0) for k in ("mm", "addmm", "bmm", "baddbmm")),
+                "mul": non_view.get("mul", 0), "add": non_view.get("add", 0),
+                "top": sorted(non_view.items(), key=lambda kv: -kv[1])[:8]}
+
+
+def fake_cpu(module: torch.nn.Module, mode) -> None:
+    """Every parameter and buffer of a meta-device module as a fake CPU tensor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    cpu = torch.device("cpu")
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(FakeTensor(mode, p.data, cpu), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = FakeTensor(mode, b, cpu)
+
+
+def training_loss(unet, resolution: int, dtype, cross: int):
+    from diffusers import DDPMScheduler
+    from emotrain.loss import Objective
+
+    side = resolution // 8
+    latents = torch.randn(1, 4, side, side)
+    embeds, pooled = torch.randn(1, 77, cross), torch.randn(1, 1280 if cross == 2048 else 32)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    return Objective(min_snr_gamma=5.0, dtype=dtype).loss(unet, DDPMScheduler(num_train_timesteps=1000), latents,
+                                                          embeds, pooled, time_ids, torch.Generator().manual_seed(0))
+
+
+def sdxl_step_ops(targets: str, checkpointing: bool, peft: bool = False, rank: int = 32, conv_rank: int = 8,
+                  resolution: int = 1024) -> dict:
+    """The op counts of one training forward+backward on SDXL 1.0's UNet (fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from emotrain import sdxl
+    from emotrain.lora.inject import add_lora, unet_lora_config
+
+    bf16 = torch.bfloat16
+    unet = sdxl.meta_unet(sdxl.load_config("sdxl_unet")).to(bf16)
+    with torch.device("meta"):
+        add_lora(unet, unet_lora_config(rank, rank / 2, conv_rank, conv_rank / 2, targets), fast=not peft)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_cpu(unet, mode)
+    with mode:
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        counter = OpCounter()
+        with counter:
+            with torch.autocast("cpu", dtype=bf16):
+                loss = training_loss(unet, resolution, bf16, 2048)
+            loss.backward()
+    lora_layers = sum(1 for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    return {**counter.summary(), "layers": lora_layers}
+
+
+def cpu_step_seconds(steps: int, rounds: int = 3) -> dict:
+    """Median seconds of one forward+backward of the tiny model (batch 1, 64 px, bf16 base,
+    fp32 LoRA rank 4 under bf16 autocast, checkpointing on) with peft's forward and with
+    emotrain's, interleaved round by round on one machine."""
+    from diffusers import UNet2DConditionModel
+    from emotrain.lora.inject import add_lora, unet_lora_config
+    from emotrain.sdxl.tiny import TINY_UNET
+
+    def build(fast: bool):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(TINY_UNET).to(torch.bfloat16)
+        add_lora(unet, unet_lora_config(4, 4, 4, 4, "full"), fast=fast)
+        unet.enable_gradient_checkpointing()
+        return unet.train()
+
+    models = {"peft": build(False), "emotrain": build(True)}
+    times = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, unet in models.items():
+            for _ in range(steps):
+                started = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = training_loss(unet, 64, torch.bfloat16, TINY_UNET["cross_attention_dim"])
+                loss.backward()
+                unet.zero_grad(set_to_none=True)
+                times[name].append(time.perf_counter() - started)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peft", action="store_true", help="count peft's own LoRA forward")
+    ap.add_argument("--cpu-steps", type=int, default=0, help="also time N tiny-model steps per round")
+    ap.add_argument("--no-sdxl", action="store_true", help="only the tiny model's CPU time")
+    args = ap.parse_args()
+    if args.cpu_steps:
+        t = cpu_step_seconds(args.cpu_steps)
+        print(f"tiny model, CPU, bf16 autocast, checkpointing: peft {t['peft'] * 1000:.1f} ms, "
+              f"emotrain {t['emotrain'] * 1000:.1f} ms per forward+backward (median)", flush=True)
+    if args.no_sdxl:
+        return
+    print("| forward | kind | targets | checkpointing | LoRA layers | aten ops | non-view | _to_copy | "
+          "mm+addmm+bmm | mul | add | top non-view ops |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for kind in ("lora",):
+        for targets in ("full", "transformer"):
+            for ckpt in (True, False):
+                started = time.perf_counter()
+                s = sdxl_step_ops(targets, ckpt, args.peft)
+                top = ", ".join(f"{k} {v:,}" for k, v in s["top"])
+                print(f"| {'peft' if args.peft else 'emotrain'} | {kind} | {targets} | {'on' if ckpt else 'off'} | "
+                      f"{s['layers']} | {s['all']:,} | {s['non_view']:,} | {s['_to_copy']:,} | {s['matmul']:,} | "
+                      f"{s['mul']:,} | {s['add']:,} | {top} |  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
