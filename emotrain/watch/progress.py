@@ -125,4 +125,4 @@ class TrainProgress:
         if "cuda_peak_allocated_bytes" in mem:
             line += f", CUDA peak allocated {mem['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB"
         self.console.print(line)
-        self.console.print(f"saved {root / run['files']['kohya']} and {root / run['files']['diffusers']}")
+        self.console.print("saved " + " and ".join(str(root / f) for f in run["files"].values()))
