@@ -55,9 +55,15 @@ def parse_lrs(text: str | None) -> list[float] | None:
 
 
 def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: str | None,
-         lrs: str | None) -> tuple[Path, list[SweepRun], list[str]]:
-    """The runs of a sweep, each config resolved and checked (nothing is loaded)."""
+         lrs: str | None, adapters: str | None = None) -> tuple[Path, list[SweepRun], list[str]]:
+    """The runs of a sweep, each config resolved and checked (nothing is loaded).
+    ``adapters``: adapter kinds to compare, comma-separated (each with every optimizer)."""
     names = list(dict.fromkeys(_items(optims)))
+    kinds = list(dict.fromkeys(_items(adapters)))
+    for kind in kinds:
+        problem = BY_NAME["adapter"].problem(kind)
+        if problem:
+            raise UserError(f"--adapter: {problem}")
     if not names:
         raise UserError("--optim: name the optimizers to compare, comma-separated, e.g. emosens,emoairy,emocats")
     if shadow is not None and shadow not in SHADOWS:
@@ -76,12 +82,15 @@ def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: 
         notes.append(f"checkpoints every {shared['save_every']} steps, so an interrupted sweep resumes")
     output = Path(base.output).expanduser()
     runs = []
-    for optim in names:
-        for s in shadows if optim in EMO else (False,):
-            for lr in rates:
-                name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
-                values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name)}
-                runs.append(SweepRun(name, resolve_config(None, values)))
+    for kind in kinds or [None]:
+        for optim in names:
+            for s in shadows if optim in EMO else (False,):
+                for lr in rates:
+                    name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
+                    name = f"{kind}-{name}" if len(kinds) > 1 else name
+                    values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name),
+                              **({"adapter": kind} if kind else {})}
+                    runs.append(SweepRun(name, resolve_config(None, values)))
     return output, runs, notes
 
 
@@ -119,11 +128,11 @@ def state_of(run: SweepRun) -> str:
     return "resume" if list_checkpoints(folder.checkpoints) else "start"
 
 
-def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
+def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print, adapters=None) -> str:
     from .train import run_training
     from ..watch.report import write_report
 
-    output, runs, notes = plan_sweep(preset, overrides, optims, shadow, lrs)
+    output, runs, notes = plan_sweep(preset, overrides, optims, shadow, lrs, adapters)
     check_or_record(output, runs)
     for note in notes:
         echo(note)

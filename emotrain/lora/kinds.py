@@ -15,13 +15,12 @@ the memory plan go through the registry. Only this package knows peft's tensor n
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from ..errors import UserError
 from ..sdxl import Targets
-from .lycoris import LohaKind, LokrKind, exact_kwargs
+from .lycoris import LohaKind, LokrKind, config_kwargs, exact_kwargs
 from .weights import ADAPTER, LoraModule, _KINDS
 
 
@@ -46,13 +45,7 @@ class LoraKind:
         from peft import LoraConfig
         return LoraConfig(init_lora_weights=True, **self.config_kwargs(rank, alpha, targets, conv_rank, conv_alpha))
 
-    @staticmethod
-    def config_kwargs(rank, alpha, targets: Targets, conv_rank=None, conv_alpha=None, alpha_key="lora_alpha"):
-        patterns = {}
-        if targets.conv_pattern is not None:
-            patterns = dict(rank_pattern={targets.conv_pattern: rank if conv_rank is None else conv_rank},
-                            alpha_pattern={targets.conv_pattern: alpha if conv_alpha is None else conv_alpha})
-        return {"r": rank, alpha_key: alpha, "target_modules": targets.pattern, **patterns}
+    config_kwargs = staticmethod(config_kwargs)
 
     def exact_config_kwargs(self, modules: dict, peft_targets: dict[str, str]) -> dict:
         """LoraConfig arguments reproducing ``modules`` (name -> LoraModule) exactly (see

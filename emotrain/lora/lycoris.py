@@ -29,6 +29,16 @@ from .weights import ADAPTER, LoraModule
 FULL_RANK = 1 << 20  # a rank beyond any layer's size/2: peft's LoKr then keeps w2 a full matrix
 
 
+def config_kwargs(rank, alpha, targets, conv_rank=None, conv_alpha=None, alpha_key="lora_alpha") -> dict:
+    """peft config arguments of a fresh adapter on ``targets`` (sdxl.Targets): 3x3 convs at
+    their own rank and alpha (``alpha_key``: LoraConfig's lora_alpha, LoHa/LoKr's alpha)."""
+    patterns = {}
+    if targets.conv_pattern is not None:
+        patterns = dict(rank_pattern={targets.conv_pattern: rank if conv_rank is None else conv_rank},
+                        alpha_pattern={targets.conv_pattern: alpha if conv_alpha is None else conv_alpha})
+    return {"r": rank, alpha_key: alpha, "target_modules": targets.pattern, **patterns}
+
+
 def exact_kwargs(modules: dict, peft_targets: dict[str, str], alpha_key: str, rank_of=None) -> dict:
     """peft config arguments reproducing ``modules`` (name -> LoraModule) exactly: the
     commonest rank and alpha as defaults, the rest as exact-name patterns.
@@ -65,8 +75,7 @@ class _LycorisKind:
         return {}
 
     def peft_config(self, rank, alpha, targets, conv_rank=None, conv_alpha=None, **options):
-        from .kinds import LoraKind
-        kwargs = LoraKind.config_kwargs(rank, alpha, targets, conv_rank, conv_alpha, alpha_key="alpha")
+        kwargs = config_kwargs(rank, alpha, targets, conv_rank, conv_alpha, alpha_key="alpha")
         return self._config_class()(init_weights=self._init, **kwargs, **self._config_extra(**options))
 
     def exact_config(self, modules: dict, peft_targets: dict[str, str], metadata: dict | None = None):

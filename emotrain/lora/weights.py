@@ -65,6 +65,19 @@ class LoraModule:
         """A convolution with a kernel larger than 1x1 (the conv rank/alpha applies)."""
         return self.entry.is_conv(self) and self.entry.kernel_size(self) > 1
 
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight it changes (LoHa/LoKr convs: flattened where the
+        file leaves the kernel open)."""
+        return tuple(self.entry.delta_shape(self))
+
+    @property
+    def delta_numel(self) -> int:
+        n = 1
+        for d in self.delta_shape:
+            n *= d
+        return n
+
     def delta(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:
         """The change to the base weight, shaped like it. ``base``: the base weight, which
         DoRA's change depends on (the other kinds ignore it)."""
