@@ -166,7 +166,7 @@ def presets():
     for name in preset_names():
         table, _ = read_preset(name)
         typer.echo(f"{name:16s} {table.get('optim', '')} shadow={table.get('shadow', False)} "
-                   f"rank={table.get('rank', '')} lr={table.get('lr', '')}")
+                   f"adapter={table.get('adapter', 'lora')} rank={table.get('rank', '')} lr={table.get('lr', '')}")
 
 
 OTHER_PANEL = "Other training options (accepted, no effect on memory)"
@@ -209,8 +209,12 @@ def vram(**values):
                _extra("lr", Optional[str], typer.Option(
                    None, metavar="X,Y,...", rich_help_panel="Sweep",
                    help="One or more learning rates, comma-separated: every optimizer runs with each.")),
+               _extra("adapter", Optional[str], typer.Option(
+                   None, metavar="A,B,...", rich_help_panel="Sweep",
+                   help="Adapter kinds to compare, comma-separated (lora, dora, loha, lokr): each runs with every "
+                        "optimizer, into OUTPUT/<adapter>-<optim>/. [default: the preset's, else lora]")),
                PRESET],
-              skip=("optim", "shadow", "lr"))
+              skip=("optim", "shadow", "lr", "adapter"))
 def sweep(**values):
     """Train the same LoRA with several optimizers, one after another, on the same data,
     seed, noise and validation set, into OUTPUT/<optim>[-shadow][-lr<x>]/, then write
@@ -219,9 +223,10 @@ def sweep(**values):
     Takes every sdxl-lora flag. Without --val-data/--val-split it holds out 10% of the
     images for validation; without --save-every it checkpoints every 10% of the steps."""
     from .commands.sweep import run_sweep
-    optims, shadow, lrs = values.pop("optim"), values.pop("shadow"), values.pop("lr")
+    optims, shadow, lrs, adapters = values.pop("optim"), values.pop("shadow"), values.pop("lr"), values.pop("adapter")
     try:
-        typer.echo(run_sweep(values.pop("preset"), overrides_from(values), optims, shadow, lrs, echo=typer.echo))
+        typer.echo(run_sweep(values.pop("preset"), overrides_from(values), optims, shadow, lrs, echo=typer.echo,
+                             adapters=adapters))
     except UserError as exc:
         _fail(exc)
 

@@ -103,6 +103,11 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
     check_data_options(cfg, needs_data)
     if needs_data:
         check_output_folder(cfg.output)
+    if cfg.lokr_factor == 0:
+        bad("lokr_factor", "0 splits nothing: use -1 (LyCORIS' default) or a positive factor such as 8")
+    for key, value in (("lokr_factor", cfg.lokr_factor != -1), ("lokr_full_matrix", cfg.lokr_full_matrix)):
+        if value and cfg.adapter != "lokr":
+            bad(key, f"applies to --adapter lokr only, not {cfg.adapter}: drop it or pass --adapter lokr")
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
     try:

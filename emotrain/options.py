@@ -28,6 +28,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 # with conv_dim (LoCon): also the ResNets (3x3 convs, time-embedding projection, 1x1
 # shortcut) and the down/up-sampler convs.
 TARGETS = ("full", "transformer")
+# Adapter kinds (emotrain.lora.kinds.KINDS, named here without importing torch).
+ADAPTERS = ("lora", "dora", "loha", "lokr")
 
 # Upper bounds: far beyond any real run, low enough that no count overflows torch's int64
 # or asks for absurd memory before a message can say so.
@@ -197,6 +199,14 @@ OPTIONS: tuple[Option, ...] = (
     _o("conv_alpha", float, None, "Alpha of 3x3 convolutions.", "LoRA", nullable=True,
        default_text="the alpha", positive=True),
     _o("train_text_encoders", bool, False, "Give both text encoders a LoRA too.", "LoRA", memory=True),
+    _o("adapter", str, "lora", "Adapter kind: 'lora' (LoCon on 3x3 convs), 'dora' (LoRA with a trained magnitude "
+       "per output channel), 'loha' (LyCORIS' Hadamard product), 'lokr' (LyCORIS' Kronecker product).", "LoRA",
+       choices=ADAPTERS, choice_word="adapter", memory=True),
+    _o("lokr_factor", int, -1, "LoKr: LyCORIS' factor splitting each dimension (-1: the pair nearest its square "
+       "root); it must divide every adapted layer's channels.", "LoRA", minimum=-1, maximum=MAX_RANK, memory=True,
+       hint="(-1, or a positive factor such as 4, 8 or 16)"),
+    _o("lokr_full_matrix", bool, False, "LoKr: both Kronecker factors full matrices (LyCORIS' full_matrix; the "
+       "rank then only names the file).", "LoRA", memory=True),
     # -- optimizer -----------------------------------------------------------------------
     _o("optim", str, "emoairy", "emosens, emoairy, emocats, adamw, adamw8bit, adafactor, lion, prodigy (lr 1.0 by "
        "default), adamw-schedulefree, or package.module.Class.",

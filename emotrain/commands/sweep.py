@@ -62,9 +62,15 @@ def parse_lrs(text: str | None) -> list[float] | None:
 
 
 def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: str | None,
-         lrs: str | None) -> tuple[Path, list[SweepRun], list[str]]:
-    """The runs of a sweep, each config resolved and checked (nothing is loaded)."""
+         lrs: str | None, adapters: str | None = None) -> tuple[Path, list[SweepRun], list[str]]:
+    """The runs of a sweep, each config resolved and checked (nothing is loaded).
+    ``adapters``: adapter kinds to compare, comma-separated (each with every optimizer)."""
     names = list(dict.fromkeys(_items(optims)))
+    kinds = list(dict.fromkeys(_items(adapters)))
+    for kind in kinds:
+        problem = BY_NAME["adapter"].problem(kind)
+        if problem:
+            raise UserError(f"--adapter: {problem}")
     if not names:
         raise UserError("--optim: name the optimizers to compare, comma-separated, e.g. emosens,emoairy,emocats")
     if shadow is not None and shadow not in SHADOWS:
@@ -83,14 +89,17 @@ def plan_sweep(preset: str | None, overrides: dict, optims: str | None, shadow: 
         notes.append(f"checkpoints every {shared['save_every']} steps, so an interrupted sweep resumes")
     output = Path(base.output).expanduser()
     runs = []
-    for optim in names:
-        # Without --lr on the command line, an optimizer with an lr of its own (Prodigy: 1.0) runs at it.
-        own = [DEFAULT_LR[optim]] if not lrs and optim in DEFAULT_LR and base.optim != optim else None
-        for s in shadows if optim in EMO else (False,):
-            for lr in own or rates:
-                name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
-                values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name)}
-                runs.append(SweepRun(name, resolve_config(None, values)))
+    for kind in kinds or [None]:
+        for optim in names:
+            # Without --lr on the command line, an optimizer with an lr of its own (Prodigy: 1.0) runs at it.
+            own = [DEFAULT_LR[optim]] if not lrs and optim in DEFAULT_LR and base.optim != optim else None
+            for s in shadows if optim in EMO else (False,):
+                for lr in own or rates:
+                    name = sweep_run_name(optim, s, lr if len(rates) > 1 else None)
+                    name = f"{kind}-{name}" if len(kinds) > 1 else name
+                    values = {**given, **shared, "optim": optim, "shadow": s, "lr": lr, "output": str(output / name),
+                              **({"adapter": kind} if kind else {})}
+                    runs.append(SweepRun(name, resolve_config(None, values)))
     names = [r.name for r in runs]
     for r in runs:
         if names.count(r.name) > 1:
@@ -148,10 +157,10 @@ def state_of(run: SweepRun) -> str:
     return "resume" if list_checkpoints(folder.checkpoints) else "start"
 
 
-def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print) -> str:
+def run_sweep(preset, overrides: dict, optims, shadow, lrs, echo=print, adapters=None) -> str:
     from .train import run_training
 
-    output, runs, notes = plan_sweep(preset, overrides, optims, shadow, lrs)
+    output, runs, notes = plan_sweep(preset, overrides, optims, shadow, lrs, adapters)
     names = check_or_record(output, runs)
     for note in notes:
         echo(note)

@@ -14,30 +14,38 @@ import torch
 
 from .. import sdxl
 from ..sdxl import TEXT_ENCODER_TARGETS, unet_targets
-from .kinds import ADAPTER, LORA
+from .kinds import ADAPTER, KINDS, LORA, is_adapter_tensor, kind_of_config, kind_of_layer
 from .weights import LoraWeights
 
 
 def unet_lora_config(rank: int, alpha: float, conv_rank: int | None = None, conv_alpha: float | None = None,
-                     targets: str = "full"):
-    return LORA.peft_config(rank, alpha, unet_targets(targets, conv_rank), conv_rank, conv_alpha)
+                     targets: str = "full", adapter: str = "lora", **options):
+    """``options``: the kind's own (LoKr: ``factor``, ``full_matrix``)."""
+    return KINDS[adapter].peft_config(rank, alpha, unet_targets(targets, conv_rank), conv_rank, conv_alpha, **options)
 
 
-def text_encoder_lora_config(rank: int, alpha: float):
-    return LORA.peft_config(rank, alpha, TEXT_ENCODER_TARGETS)
+def text_encoder_lora_config(rank: int, alpha: float, adapter: str = "lora", **options):
+    return KINDS[adapter].peft_config(rank, alpha, TEXT_ENCODER_TARGETS, **options)
+
+
+def kind_options(cfg) -> dict:
+    """The adapter kind's own settings in a training config."""
+    return {"factor": cfg.lokr_factor, "full_matrix": cfg.lokr_full_matrix} if cfg.adapter == "lokr" else {}
 
 
 def lora_config_for_run(cfg, component: str = sdxl.UNET):
     """The adapter a training config asks for on ``component``."""
     if component == sdxl.UNET:
         return unet_lora_config(cfg.rank, cfg.effective_alpha, cfg.effective_conv_rank, cfg.effective_conv_alpha,
-                                cfg.targets)
-    return text_encoder_lora_config(cfg.rank, cfg.effective_alpha)
+                                cfg.targets, cfg.adapter, **kind_options(cfg))
+    return text_encoder_lora_config(cfg.rank, cfg.effective_alpha, cfg.adapter, **kind_options(cfg))
 
 
 def peft_config_kwargs(modules: dict, component: str) -> dict:
-    """LoraConfig arguments reproducing a file's ``modules`` of ``component`` exactly."""
-    return LORA.exact_config_kwargs(modules, {n: sdxl.peft_target(component, n) for n in modules})
+    """LoraConfig arguments reproducing a file's ``modules`` of ``component`` exactly
+    (LoRA and DoRA: what diffusers' load_lora_weights reads)."""
+    kwargs = LORA.exact_config_kwargs(modules, {n: sdxl.peft_target(component, n) for n in modules})
+    return {**kwargs, "use_dora": True} if any(m.kind == "dora" for m in modules.values()) else kwargs
 
 
 def lora_config_for(weights: LoraWeights, component: str = sdxl.UNET):
@@ -46,7 +54,8 @@ def lora_config_for(weights: LoraWeights, component: str = sdxl.UNET):
     modules = weights.component(component)
     if not modules:
         return None
-    return LORA.exact_config(modules, {n: sdxl.peft_target(component, n) for n in modules})
+    kind = KINDS[LoraWeights(modules).kind]
+    return kind.exact_config(modules, {n: sdxl.peft_target(component, n) for n in modules}, weights.metadata)
 
 
 def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER, fast: bool = True) -> list:
@@ -58,9 +67,13 @@ def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER, fast: bool
     module.requires_grad_(False)
     # peft directly rather than the models' add_adapter: transformers 5 refuses peft < 0.22.
     inject_adapter_in_model(config, module, adapter_name=adapter)
+    kind = kind_of_config(config)
+    kind.after_inject(module, adapter)
+    if getattr(config, "decompose_factor", -1) > 0:  # LoKr: a factor that cannot split a layer as LyCORIS does
+        kind.check_factor(module, config.decompose_factor, adapter)
     params = []
     for name, p in module.named_parameters():
-        if LORA.is_adapter_tensor(name):
+        if is_adapter_tensor(name):
             p.data = p.data.float()
             p.requires_grad_(True)
             params.append(p)
@@ -71,7 +84,7 @@ def add_lora(module: torch.nn.Module, config, adapter: str = ADAPTER, fast: bool
 
 def lora_module_names(module: torch.nn.Module) -> list[str]:
     """Names of the modules that carry an adapter (their base-layer names)."""
-    return sorted(name for name, layer in module.named_modules() if LORA.is_layer(layer, adapter=None))
+    return sorted(name for name, layer in module.named_modules() if kind_of_layer(layer, adapter=None) is not None)
 
 
 def meta_lora_unet(model: str = "sdxl", rank: int = 8, alpha: float = 8, conv_rank: int | None = None,

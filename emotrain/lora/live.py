@@ -14,14 +14,14 @@ import torch
 
 from .. import sdxl
 from ..errors import UserError
-from .kinds import ADAPTER, LORA
-from .weights import LoraModule, LoraWeights
+from .kinds import ADAPTER, is_adapter_tensor, kind_of_layer
+from .weights import LoraWeights
 
 
 def adapter_layers(model: torch.nn.Module, component: str, adapter: str = ADAPTER) -> dict[str, torch.nn.Module]:
     """Canonical name -> the peft layer carrying ``adapter``."""
     return {sdxl.name_from_model(model, component, path): module for path, module in model.named_modules()
-            if LORA.is_layer(module, adapter)}
+            if kind_of_layer(module, adapter) is not None}
 
 
 def zero_start_parameters(modules) -> list[torch.nn.Parameter]:
@@ -31,7 +31,7 @@ def zero_start_parameters(modules) -> list[torch.nn.Parameter]:
 
 def frozen_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """The base model's parameters and buffers, the adapter's left out."""
-    return [t for n, t in (*module.named_parameters(), *module.named_buffers()) if not LORA.is_adapter_tensor(n)]
+    return [t for n, t in (*module.named_parameters(), *module.named_buffers()) if not is_adapter_tensor(n)]
 
 
 def lora_weights_from_model(unet, text_encoders=None, adapter: str = ADAPTER) -> LoraWeights:
@@ -41,8 +41,7 @@ def lora_weights_from_model(unet, text_encoders=None, adapter: str = ADAPTER) ->
         if model is None:
             continue
         for name, layer in adapter_layers(model, component, adapter).items():
-            down, up = (w.detach().float().clone() for w in LORA.factors(layer, adapter))
-            modules[f"{component}.{name}"] = LoraModule(down, up, LORA.layer_alpha(layer, adapter))
+            modules[f"{component}.{name}"] = kind_of_layer(layer, adapter).module_from_layer(layer, adapter)
     return LoraWeights(modules)
 
 
@@ -70,17 +69,26 @@ def load_into_model(unet, text_encoders, weights: LoraWeights, adapter: str = AD
             raise UserError(f"the model's LoRA layer {component}.{missing[0]} is not in the LoRA file: the file "
                             "was trained for other targets; build the LoRA with lora_config_for")
         for name, m in sorted(wanted.items()):
-            layer = layers[name]
-            a, b = LORA.factors(layer, adapter)
-            if tuple(a.shape) != tuple(m.down.shape) or tuple(b.shape) != tuple(m.up.shape):
-                raise UserError(f"{component}.{name}: the file's LoRA has shapes {tuple(m.down.shape)}/"
-                                f"{tuple(m.up.shape)}, the model's {tuple(a.shape)}/{tuple(b.shape)}: the file "
-                                "was trained on another model or with another rank")
-            if not math.isclose(LORA.layer_scale(layer, adapter), m.scale, rel_tol=1e-5):
-                raise UserError(f"{component}.{name}: the file's alpha/rank is {m.scale:g}, the model's LoRA uses "
-                                f"{LORA.layer_scale(layer, adapter):g}: build the LoRA with lora_config_for")
-            plan.append((a, m.down))
-            plan.append((b, m.up))
+            plan += _layer_plan(f"{component}.{name}", layers[name], m, adapter)
     with torch.no_grad():
         for param, value in plan:
             param.copy_(value.to(param.dtype))
+
+
+def _layer_plan(full: str, layer, m, adapter: str) -> list:
+    """(live tensor, file value) pairs for one layer; refuses another kind, shape or scale."""
+    kind = kind_of_layer(layer, adapter)
+    if kind.name != m.kind:
+        raise UserError(f"{full}: the file's adapter is {m.kind}, the model's {kind.name}: build the adapter "
+                        "with lora_config_for")
+    live, wanted = kind.live_tensors(layer, adapter), m.tensors
+    if set(live) != set(wanted) or any(live[r].numel() != wanted[r].numel() or
+                                        (r != "dora_scale" and tuple(live[r].shape) != tuple(wanted[r].shape))
+                                        for r in live):
+        shapes = lambda t: ", ".join(f"{r} {tuple(v.shape)}" for r, v in sorted(t.items()))  # noqa: E731
+        raise UserError(f"{full}: the file's {m.kind} has {shapes(wanted)}, the model's {shapes(live)}: the file "
+                        "was trained on another model or with another rank")
+    if not math.isclose(kind.layer_scale(layer, adapter), m.scale, rel_tol=1e-5):
+        raise UserError(f"{full}: the file's alpha/rank is {m.scale:g}, the model's adapter uses "
+                        f"{kind.layer_scale(layer, adapter):g}: build the adapter with lora_config_for")
+    return [(live[r], wanted[r].reshape(live[r].shape)) for r in live]

@@ -53,7 +53,10 @@ def merge_into_base(model, loras: WeightedLoras) -> None:
             if target is None:
                 raise UserError(f"the LoRA has {full} but no {component} was given to merge it into")
             weight = sdxl.base_weight(target, component, name)
-            delta = m.delta(torch.float32)
+            if m.delta_numel != weight.numel():
+                raise UserError(f"{full}: the LoRA changes a {tuple(m.delta_shape)} weight, the model's is "
+                                f"{tuple(weight.shape)}: the LoRA was made for another model")
+            delta = m.delta(torch.float32, base=weight.float())  # DoRA's change depends on the base weight
             if tuple(delta.shape) != tuple(weight.shape):
                 raise UserError(f"{full}: the LoRA changes a {tuple(delta.shape)} weight, the model's is "
                                 f"{tuple(weight.shape)}: the LoRA was made for another model")
@@ -123,7 +126,7 @@ def _parts(loras: WeightedLoras) -> dict[str, list[tuple[LoraModule, float]]]:
         for name, m in weights.modules.items():
             by_module.setdefault(name, []).append((m, scale))
     for name, parts in by_module.items():
-        shapes = {(tuple(m.up.shape[:1]) + tuple(m.down.shape[1:])) for m, _ in parts}
+        shapes = {tuple(m.delta_shape) for m, _ in parts}
         if len(shapes) > 1:
             raise UserError(f"{name} has different shapes in the LoRAs being combined ({sorted(shapes)}): "
                             "they were made for different models")
@@ -149,19 +152,29 @@ def combine(loras: WeightedLoras, rank: int | None = None, conv_rank: int | None
         raise UserError("the combined rank must be at least 1")
     if not loras:
         raise UserError("no LoRAs to combine")
+    kinds = sorted({k for weights, _ in loras for k in weights.kinds})
+    if "dora" in kinds:
+        raise UserError("a DoRA's change depends on the base model's weights, so DoRA files cannot be combined "
+                        "into one file: merge them into a model (emotrain merge --model M) instead")
+    if rank is None and kinds not in ([], ["lora"]):
+        raise UserError(f"{' and '.join(kinds)} files cannot be combined into one exactly (a sum of LoHa/LoKr "
+                        "changes is no LoHa/LoKr): pass --rank N to compress the summed change to a plain LoRA by "
+                        "SVD (the error is reported), or merge them into a model (--model)")
     report = CombineReport(exact=rank is None)
     modules: dict[str, LoraModule] = {}
     lost_sq = total_sq = 0.0
     for name, parts in _parts(loras).items():
-        up, down = _stacked(parts)
+        lora_only = all(m.kind == "lora" for m, _ in parts)
+        up, down = _stacked(parts) if lora_only else (None, None)
         if rank is None:
             r = down.shape[0]
             modules[name] = LoraModule(down.contiguous(), up.contiguous(), float(r))
             report.ranks[name] = r
             report.errors[name] = 0.0
             continue
-        target = conv_rank if (conv_rank is not None and down.ndim == 4 and down.shape[-1] > 1) else rank
-        new_up, new_down, lost, total = _refactor(up, down, target)
+        conv3x3 = parts[0][0].is_conv3x3
+        target = conv_rank if (conv_rank is not None and conv3x3) else rank
+        new_up, new_down, lost, total = _refactor(up, down, target) if lora_only else _dense_refactor(parts, target)
         r = new_down.shape[0]
         modules[name] = LoraModule(new_down, new_up, float(r))
         report.ranks[name] = r
@@ -170,6 +183,19 @@ def combine(loras: WeightedLoras, rank: int | None = None, conv_rank: int | None
         total_sq += total
     report.overall = math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0
     return LoraWeights(modules, metadata={}), report
+
+
+def _dense_refactor(parts, rank: int):
+    """Best rank-``rank`` LoRA factors of the summed change of modules of any kind (LoHa,
+    LoKr: no low-rank form to work on), by SVD of the dense (out, in x kh x kw) delta."""
+    shape = tuple(parts[0][0].delta_shape)
+    total = sum(w * m.delta(torch.float64).reshape(shape[0], -1) for m, w in parts)
+    us, s, vh = torch.linalg.svd(total, full_matrices=False)
+    keep = max(1, min(rank, int(s.numel())))
+    root = s[:keep].sqrt()
+    new_up = (us[:, :keep] * root).float().reshape(shape[0], keep, *[1] * (len(shape) - 2)).contiguous()
+    new_down = (root[:, None] * vh[:keep]).float().reshape(keep, *shape[1:]).contiguous()
+    return new_up, new_down, float((s[keep:] ** 2).sum()), float((s ** 2).sum())
 
 
 def _refactor(up: torch.Tensor, down: torch.Tensor, rank: int):

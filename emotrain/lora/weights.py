@@ -1,43 +1,87 @@
 """The one shape every LoRA takes between a file and a model.
 
-Formats differ in key names, where alpha lives and what the header says; a LoRA itself
-is, per target module, a down (A) and an up (B) factor and an alpha. Readers produce
-this, writers and the model code consume it, so each format is written once against it
-instead of once per other format. Modules are named canonically: the component, then the
-module's diffusers path (see ``emotrain.sdxl.canonical_name``).
+Formats differ in key names, where alpha lives and what the header says; an adapter
+itself is, per target module, its kind's tensors and an alpha: for LoRA (and DoRA) a down
+(A) and an up (B) factor, for DoRA also the magnitude (``dora_scale``), for LoHa and LoKr
+their LyCORIS tensors (``hada_w1_a``..., ``lokr_w1``...) under those names in ``extra``.
+Readers produce this, writers and the model code consume it, so each format is written
+once against it instead of once per other format. Modules are named canonically: the
+component, then the module's diffusers path (see ``emotrain.sdxl.canonical_name``). What a
+kind's tensors mean (rank, delta) is its registry entry's business (``kinds.py``).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
 
+ADAPTER = "default"  # peft's name for the one adapter a model carries here
+_KINDS: dict = {}  # name -> kind; filled by kinds.py (which imports this module, not the reverse)
+
+
+def kind_named(name: str):
+    if not _KINDS:
+        importlib.import_module(f"{__package__}.kinds")
+    return _KINDS[name]
+
 
 @dataclass
 class LoraModule:
-    down: torch.Tensor  # A: (r, in) for linear layers, (r, in, kh, kw) for convolutions
-    up: torch.Tensor  # B: (out, r) for linear layers, (out, r, 1, 1) for convolutions
+    down: torch.Tensor | None  # A: (r, in) for linear layers, (r, in, kh, kw) for convolutions
+    up: torch.Tensor | None  # B: (out, r) for linear layers, (out, r, 1, 1) for convolutions
     alpha: float
+    kind: str = "lora"  # a kinds.KINDS name
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the kind's other tensors, by LyCORIS name
+
+    shape: tuple[int, ...] | None = None  # the base weight's shape where the tensors leave it open (LoHa/LoKr convs)
+
+    @property
+    def entry(self):
+        """The kind's registry entry (kinds.KINDS)."""
+        return kind_named(self.kind)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the module by role: ``down``/``up`` and the ``extra`` names."""
+        base = {} if self.down is None else {"down": self.down, "up": self.up}
+        return {**base, **self.extra}
 
     @property
     def rank(self) -> int:
-        return self.down.shape[0]
+        return self.entry.rank(self)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.entry.scale(self)
 
     @property
     def is_conv(self) -> bool:
-        return self.down.ndim == 4
+        return self.entry.is_conv(self)
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The change to the base weight, shaped like it. A 1x1 conv after a kxk conv is
-        one kxk conv whose kernel is up @ down over the flattened (in, kh, kw) axis."""
-        down, up = self.down.to(dtype), self.up.to(dtype)
-        d = up.flatten(1) @ down.flatten(1)
-        return (self.scale * d).reshape(up.shape[0], *down.shape[1:])
+    @property
+    def is_conv3x3(self) -> bool:
+        """A convolution with a kernel larger than 1x1 (the conv rank/alpha applies)."""
+        return self.entry.is_conv(self) and self.entry.kernel_size(self) > 1
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """The shape of the base weight it changes (LoHa/LoKr convs: flattened where the
+        file leaves the kernel open)."""
+        return tuple(self.entry.delta_shape(self))
+
+    @property
+    def delta_numel(self) -> int:
+        n = 1
+        for d in self.delta_shape:
+            n *= d
+        return n
+
+    def delta(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The change to the base weight, shaped like it. ``base``: the base weight, which
+        DoRA's change depends on (the other kinds ignore it)."""
+        return self.entry.delta(self, dtype, base)
 
 
 @dataclass
@@ -52,6 +96,22 @@ class LoraWeights:
         from .. import sdxl  # here, not at the top: the SDXL package imports diffusers, stacking's users need not
         present = {name.split(".", 1)[0] for name in self.modules}
         return tuple(c for c in sdxl.COMPONENTS if c in present)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The adapter kinds present, sorted."""
+        return tuple(sorted({m.kind for m in self.modules.values()}))
+
+    @property
+    def kind(self) -> str:
+        """The one adapter kind of the file ("lora" when empty); mixed files are refused
+        where one kind is needed (continuing training)."""
+        from ..errors import UserError
+        kinds = self.kinds
+        if len(kinds) > 1:
+            raise UserError(f"the LoRA file mixes adapter kinds ({', '.join(kinds)}): training can continue only "
+                            "from a file of one kind; merge it into the model (merge --model) instead")
+        return kinds[0] if kinds else "lora"
 
     def component(self, component: str) -> dict[str, LoraModule]:
         """The modules of one component, names without the component prefix."""

@@ -71,6 +71,8 @@ def read_loras(cfg: TrainConfig) -> tuple:
     from ..lora.stacking import load_weighted
     config = unet_config(cfg.model)
     start = load_lora_file(cfg.network_weights, config) if cfg.network_weights else None
+    if start is None and cfg.adapter == "lokr" and cfg.lokr_factor > 0:
+        meta_sdxl(cfg)  # a factor that does not split a layer is refused here, before the weights load
     if start is not None:
         meta = meta_sdxl(cfg, {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")})
         encoders = (meta["text_encoder"], meta["text_encoder_2"]) if cfg.train_text_encoders else None
@@ -363,7 +365,7 @@ def save_lora(run: Run, output: Path) -> dict:
                                          part_lrs(cfg))
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
-            for name, fmt in FORMATS.items()}
+            for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr
 
 
 def train(cfg: TrainConfig, resume: Path | None = None) -> dict:

@@ -13,7 +13,7 @@ other families: a second family would first need one here.
 from .configs import load_config
 from .conditioning import encode_images, predict, time_ids
 from .prompts import CHUNK, count_tokens, encode_prompts, token_ids
-from .targets import LAYER_KINDS, TEXT_ENCODER_TARGETS, TRANSFORMER_KINDS, Targets, layer_kind, unet_targets
+from .targets import LAYER_KINDS, TEXT_ENCODER_TARGETS, TRANSFORMER_KINDS, Targets, layer_kind, unet_targets, weight_shape
 from .meta import meta_parts, meta_unet, random_unet, unet_config
 from .model import SDXL, Schedule, load_pipeline, load_sdxl, model_schedule, resolve_model
 from .tiny import tiny_sdxl_path

@@ -74,3 +74,17 @@ def unet_targets(targets: str = "full", conv_rank: int | None = None) -> Targets
 
 def layer_kind(name: str) -> str:
     return next((kind for kind, pattern in LAYER_KINDS if re.search(pattern, name)), "other")
+
+
+_CONV3X3 = re.compile(r"(" + "|".join(UNET_CONV3X3) + r")$")
+_CONV1X1 = re.compile(r"resnets\.\d+\.conv_shortcut$")
+
+
+def weight_shape(name: str, out: int, flat_in: int) -> tuple[int, ...]:
+    """The base weight's shape of an adapted module from its name and its flattened
+    (out, in x kh x kw) size: what a LoHa/LoKr file's 2-D tensors leave open."""
+    if _CONV3X3.search(name):
+        return (out, flat_in // 9, 3, 3)
+    if _CONV1X1.search(name):
+        return (out, flat_in, 1, 1)
+    return (out, flat_in)

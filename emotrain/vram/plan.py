@@ -16,7 +16,7 @@ from .. import sdxl
 from ..dataset import Needs
 from ..errors import UserError
 from ..lora.inject import meta_sdxl
-from ..lora.kinds import LORA
+from ..lora.kinds import kind_of_layer
 from ..lora.live import frozen_tensors, zero_start_parameters
 from ..optimizers import EMO, NAMES, parse_optim_args
 from ..precision import weight_dtype
@@ -63,14 +63,24 @@ def _lora_breakdown(modules: dict) -> dict[str, dict]:
     out = {kind: {"modules": 0, "params": 0} for kind, _ in sdxl.LAYER_KINDS}
     for component, module in modules.items():
         for name, sub in module.named_modules():
-            if not LORA.is_layer(sub):
+            kind = kind_of_layer(sub)
+            if kind is None:
                 continue
-            n = LORA.layer_parameters(sub)
+            n = kind.layer_parameters(sub)
             entry = out.setdefault(sdxl.layer_kind(f"{component}.{name}" if component != "unet" else name),
                                    {"modules": 0, "params": 0})
             entry["modules"] += 1
             entry["params"] += n
     return {k: v for k, v in out.items() if v["modules"]}
+
+
+def adapter_transient_bytes(modules: dict) -> int:
+    """DoRA's weight norm: each DoRA layer's forward forms its adapted weight, W + delta, and
+    the delta alone in float32 (peft's DoraLinearLayer), freed before the next layer: two
+    copies of the largest adapted weight at once. The other kinds keep no such copy."""
+    sizes = [sub.get_base_layer().weight.numel() for m in modules.values() for _, sub in m.named_modules()
+             if getattr(kind_of_layer(sub), "name", None) == "dora"]
+    return 2 * 4 * max(sizes, default=0)
 
 
 def _module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -143,6 +153,7 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
     base = base_weight_bytes(modules, cfg.mixed_precision)
     base_total = sum(base.values())
+    transient = adapter_transient_bytes(modules)
     resident = resident_components(cfg)
     # Sampling brings back what caching freed: the VAE and frozen text encoders
     # (--sample-keep-models keeps them on the GPU all run instead).
@@ -157,11 +168,11 @@ def plan(cfg, optims=None, shadow=None) -> dict:
     zero = [] if cfg.network_weights else zero_start_parameters(modules.values())
     states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args, zero_start=zero)
               for name, s in dict.fromkeys(rows + [(REFERENCE, False)])}
-    reference_total = lora_bytes + grad_bytes + base_total + states[(REFERENCE, False)]
+    reference_total = lora_bytes + grad_bytes + base_total + transient + states[(REFERENCE, False)]
     out_rows = {}
     for name, s in rows:
         state = states[(name, s)]
-        total = lora_bytes + state + grad_bytes + base_total
+        total = lora_bytes + state + grad_bytes + base_total + transient
         out_rows[row_key(name, s)] = {
             "optimizer": name, "shadow": s, "lora_param_bytes": lora_bytes, "state_bytes": state,
             "grad_bytes": grad_bytes, "base_bytes": base_total, "total_bytes": total,
@@ -178,7 +189,8 @@ def plan(cfg, optims=None, shadow=None) -> dict:
         "model": cfg.model or "sdxl", "rank": cfg.rank, "alpha": cfg.effective_alpha,
         "conv_rank": cfg.effective_conv_rank if cfg.targets == "full" else 0, "conv_alpha": cfg.effective_conv_alpha,
         "mixed_precision": cfg.mixed_precision, "train_text_encoders": cfg.train_text_encoders,
-        "targets": cfg.targets, "network_weights": cfg.network_weights,
+        "targets": cfg.targets, "network_weights": cfg.network_weights, "adapter": cfg.adapter,
+        "adapter_transient_bytes": transient,
         "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
         "lora_modules": sum(v["modules"] for v in breakdown.values()),
         "lora_params_by_component": {k: v for k, v in by_component.items() if v},

@@ -129,4 +129,4 @@ class TrainProgress:
         if "cuda_peak_allocated_bytes" in mem:
             line += f", CUDA peak allocated {mem['cuda_peak_allocated_bytes'] / 2**20:.0f} MiB"
         self.console.print(line)
-        self.console.print(f"saved {shown(root / run['files']['kohya'])} and {shown(root / run['files']['diffusers'])}")
+        self.console.print("saved " + " and ".join(shown(root / f) for f in run["files"].values()))

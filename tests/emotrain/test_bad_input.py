@@ -90,6 +90,14 @@ def files(tmp_path_factory):
     save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.full((4, 64), float("nan")),
                "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(64, 4)}, d / "nan.safetensors")
     save_file({"x": torch.zeros(2)}, d / "nokeys.safetensors")
+    proj_in = "lora_unet_input_blocks_4_1_proj_in"  # a 64 x 64 linear layer of the tiny model
+    save_file({f"{proj_in}.lokr_w1": torch.ones(8, 8), f"{proj_in}.lokr_w2": torch.ones(8, 8),
+               f"{proj_in}.alpha": torch.tensor(4.0)}, d / "lokr.safetensors")
+    save_file({f"{proj_in}.lora_down.weight": torch.ones(4, 64), f"{proj_in}.lora_up.weight": torch.ones(64, 4),
+               f"{proj_in}.dora_scale": torch.ones(64, 1)}, d / "dora.safetensors")
+    save_file({f"{proj_in}.hada_w1_a": torch.ones(64, 4), f"{proj_in}.hada_w1_b": torch.ones(4, 64),
+               f"{proj_in}.hada_w2_a": torch.ones(64, 4), f"{proj_in}.hada_w2_b": torch.ones(4, 64),
+               f"{proj_in}.hada_t1": torch.ones(4, 4, 1, 1)}, d / "tucker.safetensors")
     (d / "bin.toml").write_bytes(bytes(range(256)))
     (d / "bad.toml").write_text("rank = [\n")
     (d / "unknown.toml").write_text("rnak = 4\n")
@@ -102,7 +110,8 @@ def files(tmp_path_factory):
             "nan": str(d / "nan.safetensors"), "nokeys": str(d / "nokeys.safetensors"),
             "bin_toml": str(d / "bin.toml"), "bad_toml": str(d / "bad.toml"), "unknown_toml": str(d / "unknown.toml"),
             "nan_toml": str(d / "nan.toml"), "inf_rank_toml": str(d / "infrank.toml"), "type_toml": str(d / "type.toml"),
-            "nan_prompts": str(d / "prompts.txt")}
+            "nan_prompts": str(d / "prompts.txt"),
+            **{k: str(d / f"{k}.safetensors") for k in ("lokr", "dora", "tucker")}}
 
 
 def assert_refused(result, where, written_before):
@@ -180,6 +189,10 @@ def test_merge_and_convert_refuse_bad_inputs(tmp_path, monkeypatch, files):
               ["convert", files["sd15"], files["folder_lora"], "--to", "kohya", "--overwrite"],
               ["convert", files["sd15"], out, "--to", "nope"], ["convert", "", out, "--to", "kohya"],
               ["convert", files["sd15"], "/proc/emotrain-x.safetensors", "--to", "kohya"]]
+    # adapter kinds: no exact combine of LoKr (without --rank) or DoRA, no diffusers LoKr, no Tucker
+    cases += [["merge", "--lora", files["lokr"], "--lora", files["lokr"], "--output", out],
+              ["merge", "--lora", files["dora"], "--lora", files["dora"], "--output", out, "--rank", "2"],
+              ["convert", files["lokr"], out, "--to", "diffusers"], ["convert", files["tucker"], out, "--to", "kohya"]]
     monkeypatch.chdir(tmp_path)
     failures = []
     for args in cases:
@@ -190,6 +203,15 @@ def test_merge_and_convert_refuse_bad_inputs(tmp_path, monkeypatch, files):
         except AssertionError as exc:
             failures.append(f"{args}: {exc}")
     assert not failures, "\n".join(failures)
+
+
+def test_adapter_kinds_refuse_bad_input(tmp_path, monkeypatch, files):
+    """A LoKr factor that does not split the model's layers (refused on the meta model,
+    before the weights load), the kind's own options with another kind, a Tucker file."""
+    cases = [["--adapter", "lokr", "--lokr-factor", "7"], ["--adapter", "lokr", "--lokr-factor", "0"],
+             ["--adapter", "lora", "--lokr-factor", "4"], ["--adapter", "loha", "--lokr-full-matrix"],
+             ["--network-weights", files["tucker"]]]
+    run_cases(tmp_path, monkeypatch, cases)
 
 
 def test_bad_files_in_the_data_folder(tmp_path, monkeypatch):

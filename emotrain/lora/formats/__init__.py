@@ -32,6 +32,10 @@ class Format:
         """Header entries describing this format's layout, not the training."""
         return self._impl.LAYOUT_KEYS
 
+    def accepts(self, weights) -> bool:
+        """Whether this format can hold ``weights``' adapter kinds (a run writes only those)."""
+        return self._impl.accepts(weights)
+
     def detect(self, keys) -> bool:
         """Whether a file with these tensor keys is in this format."""
         return self._impl.detect(keys)

@@ -20,7 +20,7 @@ from ... import sdxl
 from ...errors import UserError
 from . import common, header_passthrough
 from ..inject import peft_config_kwargs
-from ..kinds import LORA
+from ..kinds import KINDS, LORA
 from ..weights import LoraModule, LoraWeights
 
 METADATA_KEY = "lora_adapter_metadata"  # the header key diffusers reads LoraConfig arguments from
@@ -33,6 +33,11 @@ _SUFFIXES = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".alpha", "alpha"),
 )
+
+
+def accepts(weights: LoraWeights) -> bool:
+    """diffusers' load_lora_weights loads LoRA; LoHa and LoKr it cannot."""
+    return all(KINDS[k].diffusers_loads for k in weights.kinds)
 
 
 def detect(keys) -> bool:
@@ -112,6 +117,9 @@ def write(path, weights: LoraWeights, metadata: dict | None = None, unet_config=
           dtype: torch.dtype | None = None) -> Path:
     """Write ``weights`` to the file ``path``, loadable whole by
     ``StableDiffusionXLPipeline.load_lora_weights``."""
+    if not accepts(weights):
+        raise UserError(f"diffusers' load_lora_weights cannot load {'/'.join(weights.kinds)} adapters: keep the "
+                        "kohya/LyCORIS file (ComfyUI, A1111/Forge and sd-scripts load it), or merge it into a model")
     tensors, adapter_meta = {}, {}
     for component in weights.components:
         modules = weights.component(component)

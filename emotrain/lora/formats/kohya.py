@@ -1,9 +1,13 @@
-"""The kohya/sd-scripts LoRA format, which ComfyUI, A1111/Forge and diffusers all load.
+"""The kohya/sd-scripts LoRA format, which ComfyUI, A1111/Forge and diffusers all load,
+and LyCORIS' extension of it (LoHa, LoKr, DoRA), which ComfyUI, A1111/Forge and
+sd-scripts (through LyCORIS) load.
 
-One key triple per module: ``<prefix><flattened name>.lora_down.weight``,
-``.lora_up.weight`` and a scalar ``.alpha`` tensor (without it readers take alpha to be
-the rank). The module names and the ``ss_*``/modelspec header entries that say which
-model the LoRA is for come from ``emotrain.sdxl``; this module only knows the layout.
+Per module ``<prefix><flattened name>.<part>`` with the kind's parts (LoRA:
+``lora_down.weight``, ``lora_up.weight``; DoRA: also ``dora_scale``; LoHa ``hada_w1_a``...;
+LoKr ``lokr_w1``, ``lokr_w2_a``...; see ``kinds.py``) and a scalar ``.alpha`` tensor
+(without it readers take alpha to be the rank). The module names and the
+``ss_*``/modelspec header entries that say which model the LoRA is for come from
+``emotrain.sdxl``; this module only knows the layout.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import torch
 from ... import sdxl
 from ...errors import UserError
 from . import common, header_passthrough
-from ..kinds import LORA
-from ..weights import LoraModule, LoraWeights
+from ..kinds import KINDS, kind_of_file
+from ..weights import LoraWeights
 
-PARTS = LORA.kohya_parts  # file key suffix -> down, up or alpha
-ROLE = {role: suffix for suffix, role in PARTS.items()}
 LAYOUT_KEYS = ()  # its ss_* entries describe the training, and are recomputed on write
+
+
+def accepts(weights) -> bool:
+    return True  # every kind has its kohya/LyCORIS keys
 
 
 def detect(keys) -> bool:
@@ -32,22 +38,21 @@ def read(tensors: dict[str, torch.Tensor], header: dict[str, str], p: Path, unet
     """``unet_config`` fixes the UNet's module names (default: SDXL's)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        base, _, kind = key.partition(".")
-        if kind not in PARTS:
-            raise common.unsupported(p, key)
-        groups.setdefault(base, {})[kind] = value
+        base, _, part = key.partition(".")
+        groups.setdefault(base, {})[part] = value
     modules = {}
     for base, parts in groups.items():
-        if ROLE["down"] not in parts or ROLE["up"] not in parts:
-            raise common.incomplete(p, base, f"{ROLE['down']} or {ROLE['up']}")
+        alpha = parts.pop("alpha", None)
+        kind = kind_of_file(set(parts))
+        if kind is None:
+            if "lora_up.weight" in parts:
+                raise common.incomplete(p, base, "lora_down.weight or lora_up.weight")
+            raise common.unsupported(p, f"{base}.{next(iter(parts), 'alpha')}")
         try:
             name = sdxl.module_from_kohya(base, unet_config)
         except UserError as exc:
             raise UserError(f"LoRA file {p}: {exc}") from None
-        down, up = parts[ROLE["down"]], parts[ROLE["up"]]
-        common.check_pair(p, base, down, up)
-        alpha = float(parts[ROLE["alpha"]].item()) if ROLE["alpha"] in parts else float(down.shape[0])
-        modules[name] = LoraModule(down, up, alpha)
+        modules[name] = kind.from_file(parts, None if alpha is None else float(alpha.item()), name, str(p))
     return LoraWeights(modules, source_format="kohya")
 
 
@@ -60,17 +65,19 @@ def kohya_metadata(weights: LoraWeights) -> dict[str, str]:
     unet = weights.component(sdxl.UNET)
     # network_dim/alpha describe the UNet's linear layers (and 1x1 convs), as in sd-scripts;
     # a text-encoder-only file falls back to the text encoders'.
-    linear = [m for m in unet.values() if not (m.is_conv and m.down.shape[-1] > 1)]
+    linear = [m for m in unet.values() if not m.is_conv3x3]
     linear = linear or [m for m in weights.modules.values() if not m.is_conv]
-    conv = [m for m in unet.values() if m.is_conv and m.down.shape[-1] > 1]
-    dim = common.mode([m.rank for m in linear], common.mode([m.rank for m in conv], 0))
+    conv = [m for m in unet.values() if m.is_conv3x3]
+    # (LoKr modules whose factors are both full have no rank: 0, left out here)
+    dim = common.mode([m.rank for m in linear if m.rank], common.mode([m.rank for m in conv if m.rank], 0))
     alpha = common.mode([m.alpha for m in linear if m.rank == dim], float(dim))
-    args = {}
+    kind = KINDS[common.mode([m.kind for m in weights.modules.values()], "lora")]
+    args = kind.network_args(list(weights.modules.values()))
     if conv:
-        args["conv_dim"] = str(common.mode([m.rank for m in conv]))
+        args["conv_dim"] = str(common.mode([m.rank for m in conv if m.rank], dim))
         args["conv_alpha"] = _fmt(common.mode([m.alpha for m in conv]))
     return {
-        "ss_network_module": LORA.network_module,
+        "ss_network_module": kind.network_module,
         "ss_network_dim": str(dim),
         "ss_network_alpha": _fmt(alpha),
         "ss_network_args": json.dumps(args),
@@ -88,8 +95,9 @@ def write(path, weights: LoraWeights, metadata: dict | None = None, unet_config=
     tensors = {}
     for full, m in weights.modules.items():
         base = sdxl.kohya_name(full, unet_config)
-        tensors[f"{base}.{ROLE['down']}"], tensors[f"{base}.{ROLE['up']}"] = common.cast(m, dtype)
-        tensors[f"{base}.{ROLE['alpha']}"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        for part, t in m.entry.file_tensors(m).items():
+            tensors[f"{base}.{part}"] = t if dtype is None else t.to(dtype)
+        tensors[f"{base}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     header = {**common.stringify(header_passthrough(weights.metadata)), **kohya_metadata(weights),
               **common.stringify(metadata)}
     return common.atomic_save(tensors, header, Path(path))
