@@ -25,6 +25,8 @@ def run_vram(preset: str | None, overrides: dict, *, both: bool = False, as_json
     optims = optim if several else (cfg.optim if "optim" in given else "all")
     # A named optimizer plans the run as configured; none named, the comparison table.
     shadow = "both" if both or not ({"optim", "shadow"} & set(given)) else cfg.shadow
+    if measure and gpu_memory is not None:
+        raise UserError("--gpu-memory judges the plan: run it without --measure")
     if measure_steps < 1:
         raise UserError("--measure-steps must be at least 1")
     from .. import vram
@@ -39,7 +41,7 @@ def run_vram(preset: str | None, overrides: dict, *, both: bool = False, as_json
         return json.dumps(result, indent=2) if as_json else vram.format_measure(result)
     budget = vram.gpu_memory_bytes(gpu_memory) if gpu_memory is not None else None
     result = vram.plan(cfg, optims, shadow)
-    text = None if as_json else vram.format_table(result)
+    fit_text = ""
     if budget is not None:
         size, label = budget
         for row in result["optimizers"].values():
@@ -49,9 +51,8 @@ def run_vram(preset: str | None, overrides: dict, *, both: bool = False, as_json
             else vram.plan(cfg, cfg.optim, cfg.shadow)["optimizers"][own]["peak_bytes"]
         result["gpu_memory"] = {"label": label, **vram.fit(cfg, size, lambda c: vram.plan(c, c.optim, c.shadow), peak),
                                 "optimizer": own}
-        if text is not None:
-            text += vram.format_fit(result["gpu_memory"], f"{label}, {vram.row_label(cfg.optim, cfg.shadow)}")
-    return json.dumps(result, indent=2) if as_json else text
+        fit_text = vram.format_fit(result["gpu_memory"], f"{label}, {vram.row_label(cfg.optim, cfg.shadow)}")
+    return json.dumps(result, indent=2) if as_json else vram.format_table(result) + fit_text
 
 
 def _has_gpu() -> bool:

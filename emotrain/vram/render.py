@@ -19,10 +19,10 @@ def row_label(name: str, shadow: bool) -> str:
     return DISPLAY.get(name, name) + (" + shadow" if shadow else "")
 
 
-def _render(table) -> str:
+def _render(table, width: int = 120) -> str:
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     console.print(table)
     return console.file.getvalue()
 
@@ -55,7 +55,7 @@ def format_table(p: dict) -> str:
         if fits:
             cells.append(row["fit"]["text"])
         table.add_row(*cells)
-    text = _render(table)
+    text = _render(table, 120 + (60 if acts else 0) + (36 if fits else 0))
     ref = p["reference"]
     lines = [
         "All in MB = 10^6 bytes. LoRA weights and gradients fp32. Base: UNet + both text encoders + VAE (VAE fp32).",
