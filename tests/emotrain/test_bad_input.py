@@ -138,7 +138,7 @@ def test_vram_refuses_the_same(tmp_path, monkeypatch, files):
              ["--network-weights", files["sd15"]], ["--network-weights", files["garbage"]],
              ["--optim-args", "eps=1e400"], ["--measure", "--measure-steps", "0"], ["--measure-steps", "-1"],
              ["--preset", files["bin_toml"]], ["--gpu-memory", "twelve"], ["--gpu-memory", "0"],
-             ["--gpu-memory", "nan"]]
+             ["--gpu-memory", "nan"], ["--measure", "--gpu-memory", "8"]]
     run_cases(tmp_path, monkeypatch, cases, command="vram", base=[])
 
 

@@ -37,7 +37,7 @@ def test_the_tracker_counts_live_storages():
 
 SETTINGS = [  # resolution, batch, checkpointing, precision
     (64, 1, False, "bf16"),
-    (128, 2, False, "no"),
+    (64, 2, False, "no"),
     (128, 1, True, "bf16"),
 ]
 
@@ -94,7 +94,7 @@ def test_the_plan_adds_activations_and_margin_to_the_step():
 
 def test_gpu_memory_verdict_and_the_changes_that_fit():
     from helpers import run_cli
-    base = ["vram", "--model", "tiny", "--rank", "8", "--resolution", "128", "--optim", "emoairy",
+    base = ["vram", "--model", "tiny", "--rank", "8", "--resolution", "64", "--optim", "emoairy",
             "--mixed-precision", "bf16", "--json"]
     off = json.loads(run_cli(*base).output)["optimizers"]["emoairy"]["peak_bytes"]
     on = json.loads(run_cli(*base, "--gradient-checkpointing").output)["optimizers"]["emoairy"]["peak_bytes"]
@@ -107,3 +107,13 @@ def test_gpu_memory_verdict_and_the_changes_that_fit():
     assert applied["fits"] and applied["peak_bytes"] == fixes[0]["peak_bytes"]
     text = run_cli(*base[:-1], "--gpu-memory", budget).output
     assert "misses by" in text and "--gradient-checkpointing" in text
+
+
+def test_trained_text_encoders_are_part_of_the_step():
+    cfg = _cfg(64, 1, False, "bf16", optim="emoairy")
+    alone = vram.plan(cfg)
+    both = vram.plan(cfg.replace(train_text_encoders=True))
+    # the encoders' forward is traced too: their LoRA's gradients and their activations
+    assert both["activations"]["trace"]["grad_bytes"] == 4 * both["lora_params"]
+    assert alone["activations"]["trace"]["grad_bytes"] == 4 * alone["lora_params"]
+    assert both["activations"]["activation_bytes"] > alone["activations"]["activation_bytes"]
