@@ -182,6 +182,10 @@ OTHER_PANEL = "Other training options (accepted, no effect on memory)"
                                          "(on a GPU: real-size SDXL with random weights; else the tiny model).",
                                          rich_help_panel="Table")),
     _extra("measure_steps", int, typer.Option(3, help="Steps per optimizer with --measure.", rich_help_panel="Table")),
+    _extra("gpu_memory", Optional[str], typer.Option(
+        None, metavar="GIB|cuda[:N]", rich_help_panel="Table",
+        help="A card's memory in GiB (or cuda[:N]: this machine's device): says whether the run fits, and "
+             "if not, the cheapest changes that make it fit, each with its planned peak.")),
 ], panel_of=lambda o: None if o.memory else OTHER_PANEL)
 def vram(**values):
     """Plan (and optionally measure) the memory of the run these flags describe, per optimizer.
@@ -193,7 +197,7 @@ def vram(**values):
     try:
         typer.echo(run_vram(values.pop("preset"), overrides_from(values), both=values.pop("both"),
                             as_json=values.pop("as_json"), measure=values.pop("measure"),
-                            measure_steps=values.pop("measure_steps")))
+                            measure_steps=values.pop("measure_steps"), gpu_memory=values.pop("gpu_memory")))
     except UserError as exc:
         _fail(exc)
 

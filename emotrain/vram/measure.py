@@ -140,4 +140,6 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
             "gradient_checkpointing": cfg.gradient_checkpointing, "lora_params": planned["lora_params"],
             # measure holds what a training step holds: the UNet, its LoRA, gradients, state
             "planned_train_step_bytes": {k: v["training_step_bytes"] for k, v in planned["optimizers"].items()},
+            # ... and the whole planned peak of a step (activations and margin added)
+            "planned_peak_bytes": {k: v["peak_bytes"] for k, v in planned["optimizers"].items()},
             "optimizers": results, "peak_rss_bytes": process_peak_rss_bytes()}

@@ -20,6 +20,7 @@ from ..lora.kinds import kind_of_layer
 from ..lora.live import frozen_tensors, zero_start_parameters
 from ..optimizers import EMO, NAMES, parse_optim_args
 from ..precision import weight_dtype
+from .activations import step_activations
 from .state import planned_state_bytes
 
 MB = 1_000_000  # the published claim (340 MB for 85 M fp32 values) is in decimal megabytes
@@ -132,13 +133,14 @@ def resident_components(cfg) -> tuple[str, ...]:
     return ("unet",) + (("text_encoder", "text_encoder_2") if text else ()) + (("vae",) if needs.vae else ())
 
 
-def plan(cfg, optims=None, shadow=None) -> dict:
+def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
     optimizer state, gradients (fp32) and frozen base weights. ``optims`` (default: the
     config's optimizer) and ``shadow`` (``"off"``/``"on"``/``"both"``, default: the
     config's setting) widen it into a comparison table. The config's optimizer arguments
-    apply to every optimizer planned. Activations are not included: they depend on batch
-    size, resolution and checkpointing, and are the same for every optimizer.
+    apply to every optimizer planned. With ``activations``, the step's activations
+    (traced, activations.py; the same for every optimizer) and the workspace/allocator
+    margin complete each row's ``peak_bytes``: the planned peak of a training step.
 
     ``total_bytes`` holds every frozen network (UNet, text encoders, VAE), as a trainer
     that keeps them loaded needs; ``training_step_bytes`` holds only what emotrain's loop
@@ -182,6 +184,15 @@ def plan(cfg, optims=None, shadow=None) -> dict:
             "sampling_bytes": total - base_total + base_resident - grad_bytes + sample_models,
         }
     breakdown = _lora_breakdown(modules)
+    encoders = tuple(modules[c] for c in ("text_encoder", "text_encoder_2")) if cfg.train_text_encoders else ()
+    acts = step_activations(cfg, modules["unet"], encoders=encoders) if activations else None
+    if acts:
+        margin = acts["rounding_bytes"] + acts["workspace_bytes"]
+        for row in out_rows.values():
+            # One step's peak. Parts another option adds (an EMA copy, another adapter
+            # kind's extra tensors) belong in training_step_bytes, which this sums.
+            row.update(activation_bytes=acts["activation_bytes"], margin_bytes=margin,
+                       peak_bytes=row["training_step_bytes"] + acts["activation_bytes"] + margin)
     by_component = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in modules.items()}
     attention = breakdown.get("attention", {}).get("params", 0)
     transformer = sum(breakdown.get(k, {}).get("params", 0) for k in sdxl.TRANSFORMER_KINDS)
@@ -207,5 +218,8 @@ def plan(cfg, optims=None, shadow=None) -> dict:
                       "one_fp32_state_bytes_transformer_blocks": transformer * 4},
         "unit": "bytes", "mb": MB,
         "optimizers": out_rows,
+        "activations": acts,
+        "resolution": cfg.resolution, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -19,10 +19,10 @@ def row_label(name: str, shadow: bool) -> str:
     return DISPLAY.get(name, name) + (" + shadow" if shadow else "")
 
 
-def _render(table) -> str:
+def _render(table, width: int = 120) -> str:
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=120, color_system=None, force_terminal=False)
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     console.print(table)
     return console.file.getvalue()
 
@@ -38,20 +38,31 @@ def format_table(p: dict) -> str:
              f"{p['lora_params']:,} LoRA params, base weights {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}")
     kept = " + ".join(p["resident_while_training"])
     table = Table(title=title)
-    for col in ("Optimizer", "LoRA", "Opt. state", "Grads", "Base", "Total", "vs EmoCats", "Train step"):
-        table.add_column(col, justify="left" if col == "Optimizer" else "right", no_wrap=True)
+    acts = p.get("activations")
+    cols = ["Optimizer", "LoRA", "Opt. state", "Grads", "Base", "Total", "vs EmoCats", "Train step"]
+    cols += ["Activations", "Margin", "Peak", "Peak GiB"] if acts else []
+    fits = any("fit" in row for row in p["optimizers"].values())
+    cols += ["Fits?"] if fits else []
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("Optimizer", "Fits?") else "right", no_wrap=True)
     for row in p["optimizers"].values():
-        table.add_row(row_label(row["optimizer"], row["shadow"]), _mb(row["lora_param_bytes"]), _mb(row["state_bytes"]),
-                      _mb(row["grad_bytes"]), _mb(row["base_bytes"]), _mb(row["total_bytes"]),
-                      _delta(row["delta_vs_emocats_bytes"]), _mb(row["training_step_bytes"]))
-    text = _render(table)
+        cells = [row_label(row["optimizer"], row["shadow"]), _mb(row["lora_param_bytes"]), _mb(row["state_bytes"]),
+                 _mb(row["grad_bytes"]), _mb(row["base_bytes"]), _mb(row["total_bytes"]),
+                 _delta(row["delta_vs_emocats_bytes"]), _mb(row["training_step_bytes"])]
+        if acts:
+            cells += [_mb(row["activation_bytes"]), _mb(row["margin_bytes"]), _mb(row["peak_bytes"]),
+                      f"{row['peak_bytes'] / 2**30:.2f}"]
+        if fits:
+            cells.append(row["fit"]["text"])
+        table.add_row(*cells)
+    text = _render(table, 120 + (60 if acts else 0) + (36 if fits else 0))
     ref = p["reference"]
     lines = [
         "All in MB = 10^6 bytes. LoRA weights and gradients fp32. Base: UNet + both text encoders + VAE (VAE fp32).",
         f"Train step: Total less what emotrain frees once latents and captions are cached (it keeps {kept}"
         + (": the data changes per draw" if len(p["resident_while_training"]) > (3 if p["train_text_encoders"] else 1)
            else "") + ").",
-        "Not included: activations, CUDA context, allocator slack (the same for every optimizer).",
+        _activations_line(p),
         _sampling_line(p),
         "LoRA parameters by layer kind:"]
     for kind, v in p["lora_params_by_layer"].items():
@@ -67,6 +78,20 @@ def format_table(p: dict) -> str:
         f"per fp32 state; attention projections alone {ref['attention_only_params']:,}; this LoRA "
         f"{p['lora_params']:,} = {_mb(ref['one_fp32_state_bytes'])} MB per fp32 state.")
     return text + "\n".join(lines) + "\n"
+
+
+def _activations_line(p: dict) -> str:
+    a = p.get("activations")
+    if not a:
+        return "Not included: activations, CUDA context, allocator slack (the same for every optimizer)."
+    t = a["trace"]
+    how = "from the cache" if a["cached"] else f"traced in {t['trace_seconds']} s"
+    return (f"Peak = Train step + Activations + Margin: one training step of batch {t['batch']} at the largest bucket "
+            f"({t['latents'][0] * 8}x{t['latents'][1] * 8} px), checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, "
+            f"{'grad-accum ' + str(p['grad_accum']) if p['grad_accum'] > 1 else 'one micro-batch'}; activations "
+            f"{how} ({t['tensors']:,} tensors). Margin: CUDA allocator rounding from the trace "
+            f"({_mb(a['rounding_bytes'])} MB) + cuBLAS workspaces ({_mb(a['workspace_bytes'])} MB). "
+            "Not included: the CUDA context (outside torch's allocator), cuDNN workspaces, allocator slack (reserved).")
 
 
 def _sampling_line(p: dict) -> str:

@@ -168,7 +168,8 @@ def test_vram_refuses_the_same(tmp_path, monkeypatch, files):
              ["--model", files["dir"]], ["--optim", "nosuch"], ["--optim", "all,nosuch"], ["--optim", ","],
              ["--network-weights", files["sd15"]], ["--network-weights", files["garbage"]],
              ["--optim-args", "eps=1e400"], ["--measure", "--measure-steps", "0"], ["--measure-steps", "-1"],
-             ["--preset", files["bin_toml"]]]
+             ["--preset", files["bin_toml"]], ["--gpu-memory", "twelve"], ["--gpu-memory", "0"],
+             ["--gpu-memory", "nan"], ["--measure", "--gpu-memory", "8"]]
     run_cases(tmp_path, monkeypatch, cases, command="vram", base=[])
 
 

@@ -26,7 +26,7 @@ LOSSES = (1.0, 11.0)
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return vram.plan(TrainConfig(model="tiny", rank=RANK), "all", "both")
+    return vram.plan(TrainConfig(model="tiny", rank=RANK), "all", "both", activations=False)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,8 @@ def test_sdxl_lora_count_matches_the_config_by_hand():
 
 def test_sdxl_planning_is_fast_and_exact():
     started = time.perf_counter()
-    p = vram.plan(TrainConfig(model="sdxl", rank=8), "all", "both")  # every optimizer, shadow off and on
+    # every optimizer, shadow off and on
+    p = vram.plan(TrainConfig(model="sdxl", rank=8), "all", "both", activations=False)
     assert time.perf_counter() - started < 30  # seconds, on a shared CPU
     assert (p["lora_params"], p["lora_tensors"], p["lora_modules"]) == (24_593_920, 1576, 788)
     assert p["lora_params"] == _expected_sdxl_lora(8, 8)[0]
@@ -159,7 +160,7 @@ def test_sdxl_planning_is_fast_and_exact():
 
 
 def test_sdxl_rank32_reference_is_the_published_85m():
-    p = vram.plan(TrainConfig(model="sdxl", rank=32), "emocats", "off")
+    p = vram.plan(TrainConfig(model="sdxl", rank=32), "emocats", "off", activations=False)
     ref = p["reference"]
     assert ref["transformer_blocks_params"] == 85_114_880  # "about 85 M"
     assert round(ref["one_fp32_state_bytes_transformer_blocks"] / vram.MB) == 340  # "about 340 MB"
@@ -169,7 +170,8 @@ def test_sdxl_rank32_reference_is_the_published_85m():
 def test_sdxl_transformer_block_lora_reproduces_the_claim():
     # kohya's default UNet LoRA at rank 32: EmoSens one fp32 state above EmoCats, EmoAiry
     # almost one below (its factored state is d0 + d1 per matrix).
-    p = vram.plan(TrainConfig(model="sdxl", rank=32, targets="transformer"), "emosens,emoairy,emocats", "off")
+    p = vram.plan(TrainConfig(model="sdxl", rank=32, targets="transformer"), "emosens,emoairy,emocats", "off",
+                  activations=False)
     assert p["lora_params"] == 85_114_880
     rows = p["optimizers"]
     assert rows["emosens"]["delta_vs_emocats_bytes"] == 4 * 85_114_880
@@ -177,14 +179,14 @@ def test_sdxl_transformer_block_lora_reproduces_the_claim():
 
 
 def test_half_precision_halves_the_base_but_not_the_vae(tiny_plan):
-    half = vram.plan(TrainConfig(model="tiny", rank=RANK, mixed_precision="bf16"), "emocats", "off")
+    half = vram.plan(TrainConfig(model="tiny", rank=RANK, mixed_precision="bf16"), "emocats", "off", activations=False)
     full = tiny_plan["base_bytes_by_component"]
     assert half["base_bytes_by_component"]["vae"] == full["vae"]
     assert half["base_bytes_by_component"]["unet"] * 2 == full["unet"]
 
 
 def test_text_encoder_lora_counts(tiny_plan):
-    p = vram.plan(TrainConfig(model="tiny", rank=RANK, train_text_encoders=True), "emocats", "off")
+    p = vram.plan(TrainConfig(model="tiny", rank=RANK, train_text_encoders=True), "emocats", "off", activations=False)
     comp = p["lora_params_by_component"]
     assert set(comp) == {"unet", "text_encoder", "text_encoder_2"}
     assert comp["unet"] == tiny_plan["lora_params"]
@@ -235,14 +237,14 @@ def test_memory_reports():
 @pytest.mark.parametrize("targets,modules,params", [("transformer", 722, 85_114_880), ("full", 788, 98_375_680)])
 def test_sdxl_target_sets_at_rank_32(targets, modules, params):
     # transformer: exactly what sd-scripts trains without conv_dim; full: with conv_dim.
-    p = vram.plan(TrainConfig(model="sdxl", rank=32, targets=targets), "emocats", "off")
+    p = vram.plan(TrainConfig(model="sdxl", rank=32, targets=targets), "emocats", "off", activations=False)
     assert (p["lora_modules"], p["lora_params"]) == (modules, params)
     kinds = set(p["lora_params_by_layer"])
     assert (kinds == {"attention", "feed-forward", "transformer proj_in/out"}) == (targets == "transformer")
 
 
 def test_conv_rank_zero_keeps_the_resnet_linears():
-    p = vram.plan(TrainConfig(model="sdxl", rank=32, conv_rank=0), "emocats", "off")
+    p = vram.plan(TrainConfig(model="sdxl", rank=32, conv_rank=0), "emocats", "off", activations=False)
     layers = p["lora_params_by_layer"]
     assert p["lora_modules"] == 722 + 17 + 11  # transformer blocks + time_emb_proj + 1x1 shortcuts
     assert layers["resnet shortcut + time_emb_proj"]["modules"] == 28
@@ -254,10 +256,13 @@ def test_vram_plans_the_preset_run():
     by_preset = json.loads(run_cli("vram", "--preset", "emoairy", "--json").output)
     by_flags = json.loads(run_cli("vram", "--model", "sdxl", "--rank", "32", "--alpha", "16", "--conv-rank", "8",
                                   "--conv-alpha", "4", "--optim", "emoairy", "--no-shadow", "--mixed-precision", "bf16",
-                                  "--json").output)
+                                  "--gradient-checkpointing", "--min-snr-gamma", "5", "--json").output)
     by_preset.pop("seconds"), by_flags.pop("seconds")
+    traced, cached = by_preset.pop("activations"), by_flags.pop("activations")  # the second from the cache
+    assert cached["cached"] and cached["activation_bytes"] == traced["activation_bytes"] > 0
     assert by_preset == by_flags and list(by_preset["optimizers"]) == ["emoairy"]
     assert by_preset["mixed_precision"] == "bf16" and by_preset["conv_rank"] == 8
-    wider = json.loads(run_cli("vram", "--preset", "emoairy", "--rank", "64", "--optim", "all", "--both",
-                               "--json").output)
+    # the tiny model: a second SDXL trace (about a CPU-minute) would test nothing more here
+    wider = json.loads(run_cli("vram", "--preset", "emoairy", "--model", "tiny", "--resolution", "64", "--rank", "64",
+                               "--optim", "all", "--both", "--json").output)
     assert wider["rank"] == 64 and len(wider["optimizers"]) == 12

@@ -150,12 +150,13 @@ def test_frozen_models_wait_on_the_cpu_for_samples():
 def test_vram_plan_says_what_sampling_costs():
     from emotrain import vram
 
-    p = vram.plan(TrainConfig(model="tiny", rank=4), "emoairy", "off")
+    p = vram.plan(TrainConfig(model="tiny", rank=4), "emoairy", "off", activations=False)
     row, base = p["optimizers"]["emoairy"], p["base_bytes_by_component"]
     parked = base["vae"] + base["text_encoder"] + base["text_encoder_2"]
     assert p["sampling"]["models_bytes"] == parked
     assert row["sampling_bytes"] == row["training_step_bytes"] - row["grad_bytes"] + parked
     assert "move to the GPU for each sample" in vram.format_table(p)
-    kept = vram.plan(TrainConfig(model="tiny", rank=4, sample_keep_models=True), "emoairy", "off")
+    kept = vram.plan(TrainConfig(model="tiny", rank=4, sample_keep_models=True), "emoairy", "off",
+                     activations=False)
     assert kept["optimizers"]["emoairy"]["training_step_bytes"] == row["training_step_bytes"] + parked
     assert "--sample-keep-models keeps" in vram.format_table(kept)

@@ -1,0 +1,119 @@
+"""Activations planned by tracing a step on fake tensors: the tracker counts what a
+step really allocates, the fake trace equals a real step's, checkpointing shrinks it,
+the cache answers the second time, and --gpu-memory's verdict and changes hold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from emotrain import vram
+from emotrain.config import TrainConfig
+from emotrain.lora.inject import lora_config_for_run, meta_sdxl, random_lora_unet
+from emotrain.loss import Objective
+from emotrain.precision import weight_dtype
+from emotrain.vram.activations import step_activations
+from emotrain.vram.trace import LiveStorages, cuda_rounded, trace_step
+
+
+def test_the_tracker_counts_live_storages():
+    x = torch.zeros(1000)  # made before: not counted
+    with LiveStorages() as t:
+        t.known([x])
+        y = x + 1  # 4,000 bytes
+        z = y * 2  # 8,000 live
+        v = z.view(10, 100)  # a view: no new storage
+        del y
+        w = torch.ones(500, dtype=torch.float64)  # 4,000 + 4,000: still 8,000
+        del z, v, w
+        u = torch.ones(3000)  # 12,000 alone
+        del u
+    assert t.timeline.peak() == 12_000
+    assert t.timeline.peak(skip=frozenset({3})) == 8_000  # without the last one
+    assert cuda_rounded(4000) == 4096 and cuda_rounded(512) == 512 and cuda_rounded(0) == 0
+
+
+SETTINGS = [  # resolution, batch, checkpointing, precision
+    (64, 1, False, "bf16"),
+    (64, 2, False, "no"),
+    (128, 1, True, "bf16"),
+]
+
+
+def _cfg(resolution, batch, checkpointing, precision, **kw):
+    return TrainConfig(model="tiny", rank=8, conv_rank=4, resolution=resolution, batch_size=batch,
+                       gradient_checkpointing=checkpointing, mixed_precision=precision, min_snr_gamma=5.0, **kw)
+
+
+@pytest.mark.parametrize("resolution,batch,checkpointing,precision", SETTINGS)
+def test_planned_activations_match_a_real_step(resolution, batch, checkpointing, precision):
+    cfg = _cfg(resolution, batch, checkpointing, precision)
+    planned = step_activations(cfg, meta_sdxl(cfg)["unet"], use_cache=False)
+    torch.manual_seed(0)
+    dtype = weight_dtype(precision)
+    unet = random_lora_unet("tiny", lora_config_for_run(cfg), "cpu", dtype)
+    for p in unet.parameters():  # as training holds them: the adapter fp32, the base in the run's dtype
+        p.data = p.data.float() if p.requires_grad else p.data.to(dtype)
+    from diffusers import DDPMScheduler
+    from emotrain.sdxl import load_config
+    c = unet.config
+    real = trace_step(unet, batch, (resolution // 8, resolution // 8), dtype, checkpointing, Objective.of(cfg),
+                      DDPMScheduler.from_config(load_config("sdxl_scheduler")), fake=False,
+                      text_dims=(77, c.cross_attention_dim,
+                                 c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim))
+    measured = real["peak_bytes"] - real["grad_bytes"]
+    assert measured > 0 and planned["trace"]["grad_bytes"] == real["grad_bytes"]
+    assert abs(planned["activation_bytes"] - measured) <= 0.10 * measured, (planned, real)
+
+
+def test_checkpointing_shrinks_activations_and_the_cache_answers():
+    on, off = _cfg(128, 1, True, "bf16"), _cfg(128, 1, False, "bf16")
+    first = step_activations(off, meta_sdxl(off)["unet"])
+    again = step_activations(off, meta_sdxl(off)["unet"])
+    assert again["cached"] and not first.get("cached")
+    assert again["activation_bytes"] == first["activation_bytes"]
+    with_ckpt = step_activations(on, meta_sdxl(on)["unet"])
+    assert with_ckpt["activation_bytes"] < first["activation_bytes"] / 2
+    # a second micro-batch runs with every gradient allocated: counted apart from them
+    accum = step_activations(off.replace(grad_accum=2), meta_sdxl(off)["unet"])
+    assert accum["activation_bytes"] >= first["activation_bytes"]
+
+
+def test_the_plan_adds_activations_and_margin_to_the_step():
+    cfg = _cfg(64, 1, False, "bf16", optim="emoairy")
+    p = vram.plan(cfg)
+    row = p["optimizers"]["emoairy"]
+    a = p["activations"]
+    assert row["activation_bytes"] == a["activation_bytes"] > 0
+    assert row["margin_bytes"] == a["rounding_bytes"] + vram.CUDA_WORKSPACE_BYTES
+    assert row["peak_bytes"] == row["training_step_bytes"] + row["activation_bytes"] + row["margin_bytes"]
+    assert "Activations" in vram.format_table(p)
+
+
+def test_gpu_memory_verdict_and_the_changes_that_fit():
+    from helpers import run_cli
+    base = ["vram", "--model", "tiny", "--rank", "8", "--resolution", "64", "--optim", "emoairy",
+            "--mixed-precision", "bf16", "--json"]
+    off = json.loads(run_cli(*base).output)["optimizers"]["emoairy"]["peak_bytes"]
+    on = json.loads(run_cli(*base, "--gradient-checkpointing").output)["optimizers"]["emoairy"]["peak_bytes"]
+    budget = f"{(on + off) / 2 / vram.GIB:.6f}"  # between the two
+    missed = json.loads(run_cli(*base, "--gpu-memory", budget).output)["gpu_memory"]
+    assert not missed["fits"] and missed["text"].startswith("misses by")
+    fixes = [c for c in missed["changes"] if c["fits"]]
+    assert fixes and fixes[0]["flags"] == "--gradient-checkpointing"
+    applied = json.loads(run_cli(*base, *fixes[0]["flags"].split(), "--gpu-memory", budget).output)["gpu_memory"]
+    assert applied["fits"] and applied["peak_bytes"] == fixes[0]["peak_bytes"]
+    text = run_cli(*base[:-1], "--gpu-memory", budget).output
+    assert "misses by" in text and "--gradient-checkpointing" in text
+
+
+def test_trained_text_encoders_are_part_of_the_step():
+    cfg = _cfg(64, 1, False, "bf16", optim="emoairy")
+    alone = vram.plan(cfg)
+    both = vram.plan(cfg.replace(train_text_encoders=True))
+    # the encoders' forward is traced too: their LoRA's gradients and their activations
+    assert both["activations"]["trace"]["grad_bytes"] == 4 * both["lora_params"]
+    assert alone["activations"]["trace"]["grad_bytes"] == 4 * alone["lora_params"]
+    assert both["activations"]["activation_bytes"] > alone["activations"]["activation_bytes"]
