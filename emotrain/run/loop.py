@@ -24,9 +24,9 @@ from ..dataset.loader import TrainingData
 from ..dataset.scan import scan_data
 from ..errors import InputLost, Interrupted, NonFiniteLoss, NonFiniteState, PeerLost, TrainingStopped, UserError
 from ..disk.layout import RunFolder
-from ..lora.formats import FORMATS, load_lora_file
-from ..lora.inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
-from ..lora.live import load_into_model, lora_weights_from_model
+from ..lora.formats import FORMATS
+from ..lora.live import lora_weights_from_model
+from ..lora.start import read_loras, setup_lora
 from ..loss import Objective, check_schedule
 from ..optimizers import (build_optimizer, check_optimizer, evaluation_point, lr_schedule, parse_optim_args,
                           restore_train_point, takes_loss)
@@ -34,7 +34,7 @@ from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import record as records
 from .record import RunRecord
-from ..sdxl import encode_prompts, load_sdxl, model_schedule, resolve_model, time_ids, unet_config
+from ..sdxl import encode_prompts, load_sdxl, model_schedule, resolve_model, time_ids
 from .signals import StopRequests
 from ..watch.checks import check_samplers_for
 from ..watch.logs import accelerator_settings
@@ -62,47 +62,6 @@ class Run:
     info: dict = field(default_factory=dict)
     history: dict | None = None  # the losses up to the checkpoint resumed from
     lost: InputLost | None = None  # an input file gone in this step (a multi-process run stops at its end)
-
-
-def read_loras(cfg: TrainConfig) -> tuple:
-    """--network-weights and --base-lora read against the model's module names from its
-    config alone, and the start LoRA fitted into the model built on the meta device, so a
-    LoRA for another model (or of other shapes) is refused before the weights load."""
-    from ..lora.stacking import load_weighted
-    config = unet_config(cfg.model)
-    start = load_lora_file(cfg.network_weights, config) if cfg.network_weights else None
-    if start is None and cfg.adapter == "lokr" and cfg.lokr_factor > 0:
-        meta_sdxl(cfg)  # a factor that does not split a layer is refused here, before the weights load
-    if start is not None:
-        meta = meta_sdxl(cfg, {c: lora_config_for(start, c) for c in ("unet", "text_encoder", "text_encoder_2")})
-        encoders = (meta["text_encoder"], meta["text_encoder_2"]) if cfg.train_text_encoders else None
-        load_into_model(meta["unet"], encoders, start)
-    return start, load_weighted(cfg.base_lora, config)
-
-
-def setup_lora(sdxl, cfg: TrainConfig, loras: tuple | None = None) -> dict[str, torch.nn.Parameter]:
-    """Bake any base LoRAs into the frozen weights, inject the new LoRA (fresh, or from
-    --network-weights) and return the trainable parameters by name."""
-    start, bases = loras or read_loras(cfg)
-    if bases:
-        from ..lora.stacking import apply_base_loras
-        apply_base_loras(sdxl.unet, sdxl.text_encoders, bases)
-    components = {"unet": sdxl.unet}
-    if cfg.train_text_encoders:
-        components.update(text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2)
-    named = {}
-    for prefix, module in components.items():
-        config = lora_config_for(start, prefix) if start is not None else None
-        add_lora(module, config or lora_config_for_run(cfg, prefix))
-        named.update({f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
-    if start is not None:
-        load_into_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None, start)
-    if cfg.gradient_checkpointing:
-        sdxl.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoders:
-            for te in sdxl.text_encoders:
-                te.gradient_checkpointing_enable()
-    return named
 
 
 def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stops: StopRequests) -> Run:

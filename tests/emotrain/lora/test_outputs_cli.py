@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from emotrain.config import resolve_config
 from emotrain.lora.inject import add_lora, lora_module_names, unet_lora_config
 from emotrain.sdxl import load_sdxl
-from emotrain.run.loop import setup_lora
+from emotrain.lora.start import setup_lora
 from helpers import run_cli, run_json, train, unet_inputs
 
 SGM_KINDS = {  # module type -> a key fragment sd-scripts' SDXL naming uses for it
