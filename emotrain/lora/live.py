@@ -86,7 +86,7 @@ def _layer_plan(full: str, layer, m, adapter: str) -> list:
                                         (r != "dora_scale" and tuple(live[r].shape) != tuple(wanted[r].shape))
                                         for r in live):
         shapes = lambda t: ", ".join(f"{r} {tuple(v.shape)}" for r, v in sorted(t.items()))  # noqa: E731
-        raise UserError(f"{full}: the file's {m.kind} has {shapes(wanted)}, the model's {shapes(live)}: the file "
+        raise UserError(f"{full}: the file's {m.kind} has shapes {shapes(wanted)}, the model's {shapes(live)}: the file "
                         "was trained on another model or with another rank")
     if not math.isclose(kind.layer_scale(layer, adapter), m.scale, rel_tol=1e-5):
         raise UserError(f"{full}: the file's alpha/rank is {m.scale:g}, the model's adapter uses "
