@@ -37,3 +37,10 @@ def pytest_xdist_auto_num_workers(config):
 def tiny_path():
     from emotrain.sdxl import tiny_sdxl_path
     return tiny_sdxl_path()
+
+
+# emotrain.cli hides bitsandbytes until an 8-bit optimizer asks for it (quiet.py). A test
+# module that imports the CLI before anything imported diffusers' UNet would make
+# diffusers' lazy import of that module fail on the hidden package, depending only on
+# which test files a worker collects first: import it once, here, before any of them.
+import diffusers.models.unets.unet_2d_condition  # noqa: E402,F401

@@ -82,7 +82,7 @@ def scan_subset(subset: Subset, problems: Problems) -> list[Example]:
         mask = image.with_name(image.stem + MASK_SUFFIX)
         mask = mask if subset.alpha_mask and mask.is_file() else None
         if mask is not None and inspect_image(mask)[:2] != (width, height):
-            mask_width, mask_height, _ = inspect_image(mask)
+            mask_width, mask_height = inspect_image(mask)[:2]
             raise UserError(f"mask {mask} is {mask_width}x{mask_height} but its image is {width}x{height}: make "
                             "them the same size")
         if subset.alpha_mask and not alpha and mask is None:

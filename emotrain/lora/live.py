@@ -14,7 +14,7 @@ import torch
 
 from .. import sdxl
 from ..errors import UserError
-from .kinds import ADAPTER, is_adapter_tensor, kind_of_layer
+from .kinds import ADAPTER, LORA, is_adapter_tensor, kind_of_layer
 from .weights import LoraWeights
 
 

@@ -99,12 +99,12 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         data.record_to(RunFolder(cfg.output).draws)
 
     params = list(named_params.values())
-    schedule, warmup = lr_schedule(cfg.optim, cfg.lr_scheduler, cfg.warmup_steps)  # schedule-free: its own warm-up
+    lr_kind, warmup = lr_schedule(cfg.optim, cfg.lr_scheduler, cfg.warmup_steps)  # schedule-free: its own warm-up
     optimizer = build_optimizer(cfg.optim, param_groups(cfg, named_params), cfg.lr, cfg.shadow,
                                 parse_optim_args(cfg.optim_args), warmup_steps=cfg.warmup_steps)
     if hasattr(optimizer, "sync_loss"):
         optimizer.sync_loss = False  # the loop hands it the loss already averaged over processes
-    lr_scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
+    lr_scheduler = get_scheduler(lr_kind, optimizer, num_warmup_steps=warmup, num_training_steps=cfg.steps)
     unet, optimizer = accelerator.prepare(sdxl.unet, optimizer)
     models = [unet]
     if cfg.train_text_encoders:  # wrapped too, so their gradients are synchronised across GPUs

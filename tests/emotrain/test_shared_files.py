@@ -46,7 +46,7 @@ def test_what_a_user_shares_names_files_not_paths(run):
     out, _ = run
     shared = [out / "lora.safetensors", out / "pytorch_lora_weights.safetensors", out / "report.html",
               *sorted((out / "samples").glob("*.png"))]
-    assert len(shared) == 3 + 2 * 2  # two prompts at steps 0 and 2
+    assert len(shared) >= 3 + 2 * 2  # two prompts, at step 0 and at the end at least
     for path in shared:
         assert SECRET.encode() not in path.read_bytes(), path
     for lora in shared[:2]:

@@ -111,7 +111,7 @@ def test_regularization_pairing_as_sd_scripts(reg_repeats, train_draws, want, un
 BAD_TOML = [
     ("shuffle_captions = true", "unknown key 'shuffle_captions'"),
     ("num_repeats = 0", "num_repeats must be an integer of at least 1"),
-    ("color_aug = true", "color_aug = True cannot be honoured"),
+    ("color_aug = true", "color_aug = true cannot be honoured"),
     ("caption_dropout_rate = 1.5", "caption_dropout_rate must be a number from 0 to 1"),
 ]
 
@@ -191,5 +191,5 @@ keep_tokens = 3
     assert min(min(s) for s in sizes) == 256 and max(max(s) for s in sizes) == 1024
     assert all(w % 32 == 0 and h % 32 == 0 and w * h <= 512 * 768 for w, h in sizes) and (352, 1024) in sizes
     config.write_text(config.read_text().replace("color_aug = false", "enable_wildcard = true"))
-    with pytest.raises(UserError, match="enable_wildcard = True cannot be honoured"):
+    with pytest.raises(UserError, match="enable_wildcard = true cannot be honoured"):
         specs_from_options(cfg)

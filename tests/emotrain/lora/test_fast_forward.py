@@ -97,6 +97,6 @@ def test_fewer_ops_and_casts(checkpointing):
         with Ops() as ops:
             loss_and_grads(model, BF16, True)
         counts[f] = ops.ops
-    assert counts[True]["_to_copy"] * 2 < counts[False]["_to_copy"]
+    assert counts[True]["_to_copy"] < 0.6 * counts[False]["_to_copy"]
     assert counts[True]["mul"] * 2 < counts[False]["mul"]
     assert sum(counts[True].values()) < 0.75 * sum(counts[False].values())
