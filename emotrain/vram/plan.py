@@ -185,7 +185,15 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         }
     breakdown = _lora_breakdown(modules)
     encoders = tuple(modules[c] for c in ("text_encoder", "text_encoder_2")) if cfg.train_text_encoders else ()
-    acts = step_activations(cfg, modules["unet"], encoders=encoders) if activations else None
+    acts = None
+    if activations:
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+        try:
+            acts = step_activations(cfg, modules["unet"], encoders=encoders)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            # peft's LoHa/LoKr layers read a tensor's value in their forward, which fake
+            # tensors cannot give: this plan has no activation figure (the rest is exact).
+            acts = None
     if acts:
         margin = acts["rounding_bytes"] + acts["workspace_bytes"]
         for row in out_rows.values():

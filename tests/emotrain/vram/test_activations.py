@@ -114,6 +114,7 @@ def test_trained_text_encoders_are_part_of_the_step():
     alone = vram.plan(cfg)
     both = vram.plan(cfg.replace(train_text_encoders=True))
     # the encoders' forward is traced too: their LoRA's gradients and their activations
-    assert both["activations"]["trace"]["grad_bytes"] == 4 * both["lora_params"]
     assert alone["activations"]["trace"]["grad_bytes"] == 4 * alone["lora_params"]
+    # every encoder LoRA but those of layers past the hidden state SDXL reads gets a gradient
+    assert 4 * alone["lora_params"] < both["activations"]["trace"]["grad_bytes"] <= 4 * both["lora_params"]
     assert both["activations"]["activation_bytes"] > alone["activations"]["activation_bytes"]
