@@ -42,6 +42,9 @@ def run_vram(preset: str | None, overrides: dict, *, both: bool = False, as_json
     budget = vram.gpu_memory_bytes(gpu_memory) if gpu_memory is not None else None
     result = vram.plan(cfg, optims, shadow)
     fit_text = ""
+    if budget is not None and not result.get("activations"):
+        raise UserError(f"--gpu-memory: {result.get('activations_untraced') or 'the plan has no activation figure'}, "
+                        "so no verdict can be given: drop --gpu-memory")
     if budget is not None:
         size, label = budget
         for row in result["optimizers"].values():

@@ -185,7 +185,7 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         }
     breakdown = _lora_breakdown(modules)
     encoders = tuple(modules[c] for c in ("text_encoder", "text_encoder_2")) if cfg.train_text_encoders else ()
-    acts = None
+    acts, untraced = None, None
     if activations:
         from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
         try:
@@ -194,6 +194,8 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
             # peft's LoHa/LoKr layers read a tensor's value in their forward, which fake
             # tensors cannot give: this plan has no activation figure (the rest is exact).
             acts = None
+            untraced = (f"activations: not planned for --adapter {getattr(cfg, 'adapter', 'lora')} (its layers "
+                        "cannot be traced without weights yet); the figures below leave them out")
     if acts:
         margin = acts["rounding_bytes"] + acts["workspace_bytes"]
         for row in out_rows.values():
@@ -227,6 +229,7 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         "unit": "bytes", "mb": MB,
         "optimizers": out_rows,
         "activations": acts,
+        "activations_untraced": untraced,
         "resolution": cfg.resolution, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "seconds": round(time.perf_counter() - started, 2),

@@ -82,6 +82,8 @@ def format_table(p: dict) -> str:
 
 def _activations_line(p: dict) -> str:
     a = p.get("activations")
+    if not a and p.get("activations_untraced"):
+        return p["activations_untraced"][0].upper() + p["activations_untraced"][1:] + "."
     if not a:
         return "Not included: activations, CUDA context, allocator slack (the same for every optimizer)."
     t = a["trace"]

@@ -118,3 +118,12 @@ def test_trained_text_encoders_are_part_of_the_step():
     # every encoder LoRA but those of layers past the hidden state SDXL reads gets a gradient
     assert 4 * alone["lora_params"] < both["activations"]["trace"]["grad_bytes"] <= 4 * both["lora_params"]
     assert both["activations"]["activation_bytes"] > alone["activations"]["activation_bytes"]
+
+
+def test_a_kind_that_cannot_be_traced_says_so_and_gives_no_verdict():
+    from helpers import run_cli
+    base = ["vram", "--model", "tiny", "--resolution", "64", "--rank", "4", "--adapter", "loha", "--optim", "emoairy"]
+    table = run_cli(*base).output
+    assert "activations: not planned for --adapter loha" in table.lower()
+    refused = run_cli(*base, "--gpu-memory", "8", expect=2).output.strip()
+    assert refused.count("\n") == 0 and "drop --gpu-memory" in refused and "Traceback" not in refused
