@@ -93,6 +93,22 @@ def _refuse_other_run(folder: RunFolder, output: str, restart: bool = True) -> s
                     "from: pass another --output (a new run there would replace those files)")
 
 
+def _set_aside_stopped(folder: RunFolder) -> list[str]:
+    """The files of a run that stopped before its first checkpoint, renamed aside before
+    the new run writes its own: kept, and said so."""
+    notes = []
+    for name in RUN_FILES:
+        path = folder.root / name
+        if path.exists():
+            try:
+                aside = set_aside(path)
+            except OSError as exc:
+                raise UserError(f"cannot set aside {path}, which the new run would replace ({exc.strerror}): move "
+                                "it away yourself, or pass another --output") from None
+            notes.append(f"note: kept the stopped run's {name} as {aside.name}")
+    return notes
+
+
 def _set_aside_newer(output: str, ckpt: Path) -> list[str]:
     """Before a run resumed in its own folder from ``ckpt`` saves over the newer
     checkpoints it skipped (each unusable), rename them aside: kept, and said so."""
@@ -129,7 +145,8 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
         if main:
             notes.append(lock.message())
             if ckpt is None:
-                notes.append(_refuse_other_run(RunFolder(cfg.output), cfg.output))  # again, now no run can start there
+                restart = _refuse_other_run(RunFolder(cfg.output), cfg.output)  # again, now no run can start there
+                notes += [restart, *(_set_aside_stopped(RunFolder(cfg.output)) if restart else [])]
             else:
                 notes += _set_aside_newer(cfg.output, ckpt)
             notes += [clean_leftovers(cfg.output), incomplete_checkpoints(cfg.output) if ckpt else None]

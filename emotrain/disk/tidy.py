@@ -63,7 +63,8 @@ def incomplete_checkpoints(output) -> str | None:
 
 def set_aside(checkpoint: Path) -> Path:
     """Rename a checkpoint folder a resumed run would replace to ``step-NNNNNN.unused``
-    (``.unused-2``, ... when taken): kept, out of every checkpoint listing."""
+    (``.unused-2``, ... when taken): kept, out of every checkpoint listing. A run's file
+    (run.json of a run that stopped early) is set aside the same way."""
     for n in range(1, 1000):
         aside = checkpoint.with_name(f"{checkpoint.name}.{UNUSED}" + ("" if n == 1 else f"-{n}"))
         if not aside.exists():

@@ -68,6 +68,10 @@ def test_a_run_stopped_before_saving_anything_starts_over_and_paths_open_from_he
     result = run_cli("sdxl-lora", *FAST, "--steps", "1", "--output", "rel")
     assert "held a run that stopped (interrupted) before its first checkpoint: starting over" in result.output
     assert run_json(out)["status"] == "finished"
+    # the stopped run's files are kept, renamed aside, and said so
+    assert json.loads((out / "run.json.unused").read_text())["status"] == "interrupted"
+    assert (out / "metrics.jsonl.unused").read_text() == '{"step": 0}\n'
+    assert "kept the stopped run's metrics.jsonl as metrics.jsonl.unused" in result.output
     # item 18: what the run prints opens from the working directory
     assert "report: rel/report.html" in result.output
     assert "saved rel/lora.safetensors and rel/pytorch_lora_weights.safetensors" in result.output
