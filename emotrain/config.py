@@ -14,7 +14,7 @@ from .dataset import check_options as check_data_options
 from .dataset.kohya_config import toml_value
 from .errors import UserError
 from .lora.formats import resolve_lora_file
-from .optimizers import DEFAULT_LR, parse_optim_args, schedule_problem
+from .optimizers import DEFAULT_LR, group_lr_problem, parse_optim_args, schedule_problem
 from .options import BY_NAME, OPTIONS, RESUMABLE, Option, parse_lora_spec
 from .sources import check_model, tiny_seed
 from .watch.checks import check_watch_options
@@ -34,6 +34,14 @@ class _Derived:
     @property
     def effective_conv_alpha(self) -> float:
         return float(self.effective_alpha if self.conv_alpha is None else self.conv_alpha)
+
+    @property
+    def part_lrs(self) -> dict[str, float]:
+        """The learning rate of each part: --lr where none is named; one --text-encoder-lr
+        value is both encoders', two are TE1's then TE2's."""
+        te = [float(x) for x in self.text_encoder_lr] or [self.lr]
+        return {"unet": self.lr if self.unet_lr is None else self.unet_lr, "text_encoder": te[0],
+                "text_encoder_2": te[-1]}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,6 +149,11 @@ def check_schedule_options(cfg, bad) -> None:
     if cfg.scale_v_pred_loss_like_noise_pred and cfg.v_parameterization is False:
         bad("scale_v_pred_loss_like_noise_pred", "scales a v-prediction loss, and --no-v-parameterization was "
             "given: drop one of them")
+    parts = cfg.part_lrs if cfg.train_text_encoders else {"unet": cfg.part_lrs["unet"]}
+    lrs = [*parts.values(), *([lr * cfg.loraplus_ratio for lr in parts.values()] if cfg.loraplus_ratio else [])]
+    problem = group_lr_problem(cfg.optim, lrs)  # found here, before the model loads
+    if problem:
+        bad("optim", problem)
     if cfg.text_encoder_lr and not cfg.train_text_encoders:
         bad("text_encoder_lr", "the text encoders are not trained: add --train-text-encoders or drop "
             "--text-encoder-lr")

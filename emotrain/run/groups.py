@@ -16,19 +16,12 @@ def grouped(cfg) -> bool:
     return cfg.unet_lr is not None or bool(cfg.text_encoder_lr) or bool(cfg.loraplus_ratio)
 
 
-def part_lrs(cfg) -> dict[str, float]:
-    """The learning rate of each part: --lr where none is named; one --text-encoder-lr
-    value is both encoders', two are TE1's then TE2's."""
-    te = [float(x) for x in cfg.text_encoder_lr] or [cfg.lr]
-    return {"unet": cfg.lr if cfg.unet_lr is None else cfg.unet_lr, "text_encoder": te[0], "text_encoder_2": te[-1]}
-
-
 def param_groups(cfg, named_params: dict) -> list:
     """What the optimizer is built on: a list of parameters (one group), or named groups."""
     if not grouped(cfg):
         return list(named_params.values())
     groups = []
-    for part, lr in part_lrs(cfg).items():
+    for part, lr in cfg.part_lrs.items():
         names = [n for n in named_params if n.split(".", 1)[0] == part]
         if not names:
             continue

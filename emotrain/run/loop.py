@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from ..disk import checkpoint
 from . import processes
-from .groups import param_groups, part_lrs
+from .groups import param_groups
 from .batches import Batches
 from ..config import TrainConfig
 from ..dataset.encode import prepare_data
@@ -321,7 +321,7 @@ def save_lora(run: Run, output: Path) -> dict:
     with evaluation_point(run.optimizer.optimizer):
         weights = lora_weights_from_model(sdxl.unet, text_encoders)
     metadata = records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
-                                         part_lrs(cfg))
+                                         cfg.part_lrs)
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr

@@ -317,6 +317,8 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--min-timestep", "900", "--max-timestep", "100"],
     ["--noise-offset-random-strength"],  # no --noise-offset to draw a strength of
     ["--text-encoder-lr", "1e-4"],  # the text encoders are not trained
+    ["--optim", "prodigy", "--unet-lr", "1.0", "--loraplus-ratio", "16"],  # Prodigy takes one lr for all groups
+    ["--optim", "prodigy", "--train-text-encoders", "--text-encoder-lr", "0.5"],
 ]
 
 
