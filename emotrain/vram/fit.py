@@ -57,7 +57,7 @@ def _ladder(cfg) -> list[tuple[str, dict]]:
     if cfg.batch_size > 1:
         steps.append((f"--batch-size 1 --grad-accum {cfg.batch_size * cfg.grad_accum}",
                       {"batch_size": 1, "grad_accum": cfg.batch_size * cfg.grad_accum}))
-    if not cfg.fp8_base:
+    if not cfg.fp8_base and cfg.adapter != "dora":  # DoRA reads the base weight itself (config.py)
         steps.append(("--fp8-base" if cfg.mixed_precision == "bf16" else "--mixed-precision bf16 --fp8-base",
                       {"fp8_base": True, "mixed_precision": "bf16"}))
     if cfg.train_text_encoders:

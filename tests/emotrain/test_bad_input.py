@@ -321,6 +321,7 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--optim", "prodigy", "--train-text-encoders", "--text-encoder-lr", "0.5"],
     ["--fp8-base"],  # float8 storage computes in bf16: needs --mixed-precision bf16
     ["--fp8-base", "--mixed-precision", "fp16"],
+    ["--fp8-base", "--mixed-precision", "bf16", "--adapter", "dora"],  # DoRA reads the float8 base weight
 ]
 
 
