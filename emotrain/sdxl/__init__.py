@@ -23,4 +23,4 @@ from .keys import (
     flat_names, kohya_name, module_from_kohya, name_from_model, peft_target, processor_module, unflatten,
 )
 from .parts import base_weight, component_models
-from .fp8 import STORAGE as FP8_STORAGE, fp8_frozen_bytes, fp8_layers, store_fp8, stored_dtype
+from .fp8 import STORAGE as FP8_STORAGE, fp8_cast_bytes, fp8_frozen_bytes, fp8_layers, store_fp8, stored_dtype

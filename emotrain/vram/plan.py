@@ -161,7 +161,9 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
     base = base_weight_bytes(modules, cfg.mixed_precision, getattr(cfg, "fp8_base", False))
     base_total = sum(base.values())
-    transient = adapter_transient_bytes(modules)
+    # --fp8-base: one stored layer at a time holds its bf16 copy while it computes
+    fp8_cast = sdxl.fp8_cast_bytes(modules["unet"]) if getattr(cfg, "fp8_base", False) else 0
+    transient = adapter_transient_bytes(modules) + fp8_cast
     resident = resident_components(cfg)
     # Sampling brings back what caching freed: the VAE and frozen text encoders
     # (--sample-keep-models keeps them on the GPU all run instead).
@@ -217,7 +219,7 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         "conv_rank": cfg.effective_conv_rank if cfg.targets == "full" else 0, "conv_alpha": cfg.effective_conv_alpha,
         "mixed_precision": cfg.mixed_precision, "fp8_base": cfg.fp8_base, "train_text_encoders": cfg.train_text_encoders,
         "targets": cfg.targets, "network_weights": cfg.network_weights, "adapter": cfg.adapter,
-        "adapter_transient_bytes": transient,
+        "adapter_transient_bytes": transient - fp8_cast, "fp8_cast_bytes": fp8_cast,
         "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
         "lora_modules": sum(v["modules"] for v in breakdown.values()),
         "lora_params_by_component": {k: v for k, v in by_component.items() if v},
