@@ -98,8 +98,8 @@ def check(cfg) -> tuple[dict, str | None]:
         "lora_param_bytes", "grad_bytes", "state_bytes", "training_step_bytes", "activation_bytes", "margin_bytes")},
         plan="vram.plan (emotrain vram with the same flags)", free_bytes=budget, device=label)
     if peak > budget:
-        raise UserError(f"will not fit: planned peak {size(peak)}, {label}: short by {size(peak - budget)}; cheapest fix: {_fixes(cfg, budget, peak)}; or "
-                        "--no-memory-check to try anyway")
+        raise UserError(f"will not fit: planned peak {size(peak)}, {label}: short by {size(peak - budget)}; "
+                        f"cheapest fix: {_fixes(cfg, budget, peak)}; or --no-memory-check to try anyway")
     return memory, (f"memory: planned peak {size(peak)}, {label}: fits with {size(budget - peak)} to spare")
 
 
