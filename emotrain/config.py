@@ -116,6 +116,12 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
     for key, value in (("lokr_factor", cfg.lokr_factor != -1), ("lokr_full_matrix", cfg.lokr_full_matrix)):
         if value and cfg.adapter != "lokr":
             bad(key, f"applies to --adapter lokr only, not {cfg.adapter}: drop it or pass --adapter lokr")
+    if cfg.fp8_base and cfg.mixed_precision != "bf16":
+        bad("fp8_base", f"computes each layer in bf16, not --mixed-precision {cfg.mixed_precision}: add "
+            "--mixed-precision bf16 or drop --fp8-base")
+    if cfg.fp8_base and cfg.adapter == "dora":
+        bad("fp8_base", "--adapter dora forms each layer's whole weight from the base weight, which --fp8-base keeps "
+            "in float8: drop --fp8-base or use --adapter lora, loha or lokr")
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
     try:

@@ -1,6 +1,6 @@
-"""``emotrain sdxl-lora``: check everything the command line says, take the output
-folder (its lock, leftovers tidied), refuse what would mix two runs or replace one, then
-train. A folder holds another run when it holds any of a run's files (run.json, a LoRA
+"""``emotrain sdxl-lora``: check everything the command line says, and on CUDA that the
+planned peak fits the device's free memory (run/memory.py), take the output folder (its
+lock, leftovers tidied), refuse what would mix two runs or replace one, then train. A folder holds another run when it holds any of a run's files (run.json, a LoRA
 file, metrics.jsonl, report.html, a checkpoint): only a run that stopped before it saved
 anything (no checkpoint, no LoRA) is started over. A resumed run never replaces a
 checkpoint it did not use: it sets it aside (``step-NNNNNN.unused``) first."""
@@ -140,6 +140,9 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
         cfg, ckpt = absolute_paths(resolve_config(preset, overrides)), None
         _refuse_other_run(RunFolder(cfg.output), cfg.output)
     notes = [*notes, lr_note(cfg.optim, cfg.lr)]  # an lr meant for another optimizer: a warning, the run goes on
+    from ..run import memory  # before the folder is taken and the model loads: a run that cannot fit stops here
+    planned, memory_note = memory.check(cfg)
+    notes.append(memory_note)
     main = processes.is_main()  # under accelerate launch, one process holds the lock and tidies
     with OutputLock(cfg.output) if main else nullcontext() as lock:
         if main:
@@ -155,7 +158,7 @@ def run_training(preset: str | None, overrides: dict, resume: str | None = None)
         try:
             with StopRequests():  # a signal while torch loads (before train() takes them): one line, lock released
                 from ..run.loop import train
-            return train(cfg, resume=ckpt)
+            return train(cfg, resume=ckpt, planned=planned)
         except KeyboardInterrupt as exc:  # before the first step, or a second signal: no checkpoint of this moment
             found = list_checkpoints(RunFolder(cfg.output).checkpoints)
             by = f" by {exc.args[0]}" if exc.args else ""

@@ -13,7 +13,9 @@ with A and B cast once per step (cached until the layer's backward has run, so t
 recomputation under gradient checkpointing does not cast again) and writes the gradients
 of the fp32 factors in fp32 (the master weights stay fp32). 3x3 convolutions (LoCon) do
 the same with convolutions and one ``add`` with ``alpha``. Without autocast (fp32 runs)
-the layer runs peft's own forward, unchanged bit for bit.
+the layer runs peft's own forward, unchanged bit for bit. A base layer stored in float8
+(``--fp8-base``, sdxl/fp8.py) is cast to the compute dtype where it is used, in the
+forward and again in the backward, one layer at a time, as diffusers' hook does for it.
 
 ``install(model, adapter)`` swaps the classes of the model's plain ``lora`` layers (one adapter,
 no dropout, no bias on B, no variant) for the subclasses below; any other layer keeps
@@ -25,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import layer as peft_layer
+
+from ..sdxl import stored_dtype
 
 CACHE = "_emotrain_casts"  # the layer attribute holding (key, a, b) between forward and backward
 
@@ -62,8 +66,9 @@ class _LinearLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, layer, a, b, scale):
         base = layer.base_layer
+        weight, bias = stored_dtype(base.weight, x.dtype), stored_dtype(base.bias, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(base.bias, x2, base.weight.t()) if base.bias is not None else torch.mm(x2, base.weight.t())
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         h = torch.mm(x2, a.t())
         out = torch.addmm(y, h, b.t(), alpha=scale)
         ctx.save_for_backward(x2, h)
@@ -78,7 +83,8 @@ class _LinearLora(torch.autograd.Function):
         gh = torch.mm(g, b)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(torch.mm(g, ctx.layer.base_layer.weight), gh, a, alpha=s).view(ctx.shape)
+            weight = stored_dtype(ctx.layer.base_layer.weight, g.dtype)
+            gx = torch.addmm(torch.mm(g, weight), gh, a, alpha=s).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             gA = torch.mm(gh.t(), x2).float().mul_(s)
         if ctx.needs_input_grad[2]:
@@ -95,7 +101,7 @@ class _ConvLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, layer, a, b, scale):
         base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
-        y = F.conv2d(x, base.weight, base.bias, *_conv_args(base))
+        y = F.conv2d(x, stored_dtype(base.weight, x.dtype), stored_dtype(base.bias, x.dtype), *_conv_args(base))
         h = F.conv2d(x, a, None, *_conv_args(down))
         out = torch.add(y, F.conv2d(h, b), alpha=scale)
         ctx.save_for_backward(x, h)
@@ -116,7 +122,7 @@ class _ConvLora(torch.autograd.Function):
                              [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         if gx is not None:
             stride, padding, dilation, groups = _conv_args(base)
-            gx = gx + backward(grad, x, base.weight, None, stride, padding, dilation, False, (0, 0), groups,
+            gx = gx + backward(grad, x, stored_dtype(base.weight, grad.dtype), None, stride, padding, dilation, False, (0, 0), groups,
                                [True, False, False])[0]
         _release(layer)
         return (gx, None if gA is None else gA.float(), None if gB is None else gB.float(),

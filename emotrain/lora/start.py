@@ -1,13 +1,14 @@
 """The run's adapter at the start of training: base LoRAs (--base-lora) baked into the
 frozen weights, then the adapter injected, fresh or continued from a file
-(--network-weights, whose kind, targets and ranks win), with gradient checkpointing
-where asked. The files are read and fitted into the model on the meta device first
-(``read_loras``), so a LoRA for another model is refused before any weights load.
+(--network-weights, whose kind, targets and ranks win), then with --fp8-base the frozen
+UNet layers stored in float8 (sdxl/fp8.py), with gradient checkpointing where asked. The
+files are read and fitted into the model on the meta device first (``read_loras``), so a
+LoRA for another model is refused before any weights load.
 """
 
 from __future__ import annotations
 
-from ..sdxl import unet_config
+from ..sdxl import store_fp8, unet_config
 from .formats import load_lora_file
 from .inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
 from .live import load_into_model
@@ -46,6 +47,8 @@ def setup_lora(sdxl, cfg, loras: tuple | None = None) -> dict:
         named.update({f"{prefix}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
     if start is not None:
         load_into_model(sdxl.unet, sdxl.text_encoders if cfg.train_text_encoders else None, start)
+    if getattr(cfg, "fp8_base", False):  # after the injection: the adapter is made from the bf16 weights
+        store_fp8(sdxl.unet)
     if cfg.gradient_checkpointing:
         sdxl.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoders:

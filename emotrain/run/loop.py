@@ -32,7 +32,7 @@ from ..optimizers import (build_optimizer, check_optimizer, evaluation_point, lr
                           restore_train_point, takes_loss)
 from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
-from . import record as records
+from . import memory, record as records
 from .record import RunRecord
 from ..sdxl import encode_prompts, load_sdxl, model_schedule, resolve_model, time_ids
 from .signals import StopRequests
@@ -327,7 +327,9 @@ def save_lora(run: Run, output: Path) -> dict:
             for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr
 
 
-def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
+def train(cfg: TrainConfig, resume: Path | None = None, planned: dict | None = None) -> dict:
+    """The run ``cfg`` describes (from the checkpoint ``resume``); ``planned``: the memory
+    plan's part of run.json's ``memory`` (memory.check, made before this loads anything)."""
     folder = RunFolder(cfg.output)
     progress = TrainProgress(cfg.steps, every=cfg.progress_every)
     progress.enabled(processes.is_local_main())  # one process of a multi-GPU run speaks
@@ -341,7 +343,10 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
         optimizer = run.optimizer.optimizer
         run.info.update(config=cfg.to_dict(), started_at=time.time())
         main = run.accelerator.is_main_process
-        with run.watch.reporting(run), RunRecord(folder, run.info, main, run.history, run.step) as record:
+        device = run.accelerator.device
+        planned = planned if planned is not None else {"planned_peak_bytes": None, "plan": "not made"}
+        with run.watch.reporting(run), RunRecord(folder, run.info, main, run.history, run.step,
+                                                 memory=lambda: memory.record(planned, device)) as record:
             run.watch.begin(run, resumed=resume is not None)  # logs; step-0 validation and samples
             first_step, started = run.step, time.perf_counter()
             stops.defer()
@@ -371,8 +376,8 @@ def train(cfg: TrainConfig, resume: Path | None = None) -> dict:
                        "final_loss": record.losses[-1] if record.losses else None,
                        "should_stop": bool(optimizer.emotion.should_stop) if takes_loss(optimizer) else None,
                        "checkpoint": folder.relative(final), "files": save_lora(run, folder.root) if main else {},
-                       "memory": records.memory_report(run.accelerator.device, optimizer, run.named_params.values(),
-                                                      [run.sdxl.unet])}
+                       "memory": memory.record(planned, device, records.memory_report(
+                           device, optimizer, run.named_params.values(), [run.sdxl.unet]))}
             record.write("finished", **summary)
     summary = {**run.info, **summary, "status": "finished", "losses": record.losses,
                "emotion_scalar": record.emotion}

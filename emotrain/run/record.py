@@ -5,7 +5,8 @@ step, so a resumed run's run.json continues it rather than starting over. The st
 written on every way out: ``finished``, ``interrupted`` (Ctrl-C, SIGTERM), ``stopped-nan``
 (the loss or the training state became non-finite), ``stopped-input`` (an input file
 went away during training) or ``error`` (with the message).
-Only the main process writes. Also here: the package versions, the measured memory, and
+Only the main process writes. Also here: the package versions, the measured memory (beside
+the plan: memory.py, written with every status), and
 the training notes a LoRA file's header carries (``training_metadata``).
 """
 
@@ -129,8 +130,9 @@ def training_metadata(cfg, steps: int, started_at: float, schedule=None, lrs: di
 
 class RunRecord:
     def __init__(self, folder: RunFolder, info: dict, enabled: bool, history: dict | None = None,
-                 step: int = 0):
+                 step: int = 0, memory=None):
         self.folder, self.info, self.enabled = folder, info, enabled
+        self.memory = memory  # -> run.json's "memory" as it stands (memory.record), on every write
         history = history or {}
         known = step - len(history.get("losses", [])[:step])  # a checkpoint from before histories: unknown
         self.losses = [None] * known + list(history.get("losses", []))[:step]
@@ -147,6 +149,8 @@ class RunRecord:
 
     def write(self, status: str, **fields) -> None:
         if self.enabled:
+            if self.memory is not None and "memory" not in fields:
+                fields = {**fields, "memory": self.memory()}
             write_json(self.folder.run_json, {**self.info, **fields, "status": status, "losses": self.losses,
                                               "emotion_scalar": self.emotion})
 

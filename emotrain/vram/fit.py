@@ -6,9 +6,11 @@ The changes, cheapest first (what they cost the run):
 2. a smaller optimizer state: EmoAiry (factored second moment) for the Emo family and
    the rest, AdamW8bit for AdamW; the shadow off;
 3. a smaller batch with gradient accumulation keeping the effective batch: slower;
-4. no text-encoder training: a different LoRA;
-5. a lower rank (halved, conv rank too): a smaller LoRA;
-6. a lower resolution (768, then 512 px): less detail learned.
+4. --fp8-base (with --mixed-precision bf16): the frozen UNet in float8, each layer cast
+   to bf16 when it runs: a little slower, the base weights rounded to 3 mantissa bits;
+5. no text-encoder training: a different LoRA;
+6. a lower rank (halved, conv rank too): a smaller LoRA;
+7. a lower resolution (768, then 512 px): less detail learned.
 Each is planned alone, cheapest first, up to the first that fits; if none fits alone,
 they are applied together in that order until the run fits. Each plan of new shapes
 traces a step (about a CPU-minute for SDXL), cached after.
@@ -55,6 +57,9 @@ def _ladder(cfg) -> list[tuple[str, dict]]:
     if cfg.batch_size > 1:
         steps.append((f"--batch-size 1 --grad-accum {cfg.batch_size * cfg.grad_accum}",
                       {"batch_size": 1, "grad_accum": cfg.batch_size * cfg.grad_accum}))
+    if not cfg.fp8_base and cfg.adapter != "dora":  # DoRA reads the base weight itself (config.py)
+        steps.append(("--fp8-base" if cfg.mixed_precision == "bf16" else "--mixed-precision bf16 --fp8-base",
+                      {"fp8_base": True, "mixed_precision": "bf16"}))
     if cfg.train_text_encoders:
         steps.append(("--no-train-text-encoders", {"train_text_encoders": False}))
     rank, conv = cfg.rank, cfg.effective_conv_rank

@@ -93,11 +93,17 @@ def _module_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return total
 
 
-def base_weight_bytes(modules: dict, mixed_precision: str = "no") -> dict[str, int]:
+def base_weight_bytes(modules: dict, mixed_precision: str = "no", fp8_base: bool = False) -> dict[str, int]:
     """Frozen weights per component at the training precision; the VAE stays fp32,
-    as training keeps it (SDXL's VAE overflows in fp16)."""
+    as training keeps it (SDXL's VAE overflows in fp16). With ``fp8_base`` the UNet's
+    layers that --fp8-base stores in float8 (sdxl.fp8_layers) count one byte a value,
+    the rest of the UNet its training precision."""
     dtype = weight_dtype(mixed_precision)
-    return {name: _module_bytes(m, torch.float32 if name == "vae" else dtype) for name, m in modules.items()}
+    out = {name: _module_bytes(m, torch.float32 if name == "vae" else dtype) for name, m in modules.items()}
+    if fp8_base:
+        stored = sdxl.fp8_frozen_bytes(modules["unet"])  # values, one byte each
+        out["unet"] -= stored * torch.empty((), dtype=dtype).element_size() - stored
+    return out
 
 
 def row_key(name: str, shadow: bool) -> str:
@@ -153,9 +159,11 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     params = lora_parameters(modules)
     lora_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
-    base = base_weight_bytes(modules, cfg.mixed_precision)
+    base = base_weight_bytes(modules, cfg.mixed_precision, getattr(cfg, "fp8_base", False))
     base_total = sum(base.values())
-    transient = adapter_transient_bytes(modules)
+    # --fp8-base: one stored layer at a time holds its bf16 copy while it computes
+    fp8_cast = sdxl.fp8_cast_bytes(modules["unet"]) if getattr(cfg, "fp8_base", False) else 0
+    transient = adapter_transient_bytes(modules) + fp8_cast
     resident = resident_components(cfg)
     # Sampling brings back what caching freed: the VAE and frozen text encoders
     # (--sample-keep-models keeps them on the GPU all run instead).
@@ -209,9 +217,9 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     return {
         "model": cfg.model or "sdxl", "rank": cfg.rank, "alpha": cfg.effective_alpha,
         "conv_rank": cfg.effective_conv_rank if cfg.targets == "full" else 0, "conv_alpha": cfg.effective_conv_alpha,
-        "mixed_precision": cfg.mixed_precision, "train_text_encoders": cfg.train_text_encoders,
+        "mixed_precision": cfg.mixed_precision, "fp8_base": cfg.fp8_base, "train_text_encoders": cfg.train_text_encoders,
         "targets": cfg.targets, "network_weights": cfg.network_weights, "adapter": cfg.adapter,
-        "adapter_transient_bytes": transient,
+        "adapter_transient_bytes": transient - fp8_cast, "fp8_cast_bytes": fp8_cast,
         "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
         "lora_modules": sum(v["modules"] for v in breakdown.values()),
         "lora_params_by_component": {k: v for k, v in by_component.items() if v},

@@ -35,7 +35,8 @@ def format_table(p: dict) -> str:
     kind = (f"full-layer LoRA rank {p['rank']} (conv {p['conv_rank']})" if p.get("targets", "full") == "full"
             else f"transformer-block LoRA rank {p['rank']}")
     title = (f"VRAM plan: {p['model']}, {kind}{te}, "
-             f"{p['lora_params']:,} LoRA params, base weights {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}")
+             f"{p['lora_params']:,} LoRA params, base weights {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}"
+             + (" (UNet layers stored in fp8)" if p.get("fp8_base") else ""))
     kept = " + ".join(p["resident_while_training"])
     table = Table(title=title)
     acts = p.get("activations")

@@ -319,6 +319,9 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--text-encoder-lr", "1e-4"],  # the text encoders are not trained
     ["--optim", "prodigy", "--unet-lr", "1.0", "--loraplus-ratio", "16"],  # Prodigy takes one lr for all groups
     ["--optim", "prodigy", "--train-text-encoders", "--text-encoder-lr", "0.5"],
+    ["--fp8-base"],  # float8 storage computes in bf16: needs --mixed-precision bf16
+    ["--fp8-base", "--mixed-precision", "fp16"],
+    ["--fp8-base", "--mixed-precision", "bf16", "--adapter", "dora"],  # DoRA reads the float8 base weight
 ]
 
 

@@ -125,3 +125,11 @@ def test_the_survivor_of_a_killed_process_saves_its_replica_and_the_run_resumes(
     assert code == 0 and f"resumed from {ckpt}" in output and "not bit-identically" in output, output
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["steps"] == len(run["losses"]) == 6
+
+
+def test_fp8_base_trains_on_two_processes(tmp_path):
+    # The stored float8 weights are not broadcast by DistributedDataParallel (gloo has no float8).
+    out = tmp_path / "run"
+    code, output = finish(launch(*FAST, "--steps", "2", "--mixed-precision", "bf16", "--fp8-base", "--output", out))
+    assert code == 0, output
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -127,3 +127,20 @@ def test_a_kind_that_cannot_be_traced_says_so_and_gives_no_verdict():
     assert "activations: not planned for --adapter loha" in table.lower()
     refused = run_cli(*base, "--gpu-memory", "8", expect=2).output.strip()
     assert refused.count("\n") == 0 and "drop --gpu-memory" in refused and "Traceback" not in refused
+
+
+def test_fp8_base_is_offered_when_it_is_the_cheapest_change_that_fits():
+    from helpers import run_cli
+    base = ["vram", "--model", "tiny", "--rank", "8", "--resolution", "64", "--optim", "emoairy",
+            "--mixed-precision", "bf16", "--gradient-checkpointing", "--json"]
+    plain = json.loads(run_cli(*base).output)
+    fp8 = json.loads(run_cli(*base, "--fp8-base").output)
+    off, on = plain["optimizers"]["emoairy"]["peak_bytes"], fp8["optimizers"]["emoairy"]["peak_bytes"]
+    # the UNet's stored layers at one byte a value instead of two, plus one layer's bf16 copy
+    saved = plain["base_bytes_by_component"]["unet"] - fp8["base_bytes_by_component"]["unet"]
+    assert saved > 0 and off - on == saved - fp8["fp8_cast_bytes"] and fp8["fp8_cast_bytes"] > 0
+    budget = f"{(on + off) / 2 / vram.GIB:.6f}"
+    missed = json.loads(run_cli(*base, "--gpu-memory", budget).output)["gpu_memory"]
+    assert missed["changes"][0]["flags"] == "--fp8-base" and missed["changes"][0]["fits"]
+    applied = json.loads(run_cli(*base, "--fp8-base", "--gpu-memory", budget).output)["gpu_memory"]
+    assert applied["fits"] and applied["peak_bytes"] == missed["changes"][0]["peak_bytes"]
