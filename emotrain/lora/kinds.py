@@ -185,7 +185,7 @@ class DoraKind(LoraKind):
     name = "dora"
     description = "DoRA (weight-decomposed LoRA: LyCORIS' dora_wd, peft's use_dora)"
     network_module = "lycoris.kohya"
-    diffusers_loads = False  # the diffusers twin is written for LoRA only (see README)
+    diffusers_loads = True  # through peft's use_dora (the twin's lora_magnitude_vector)
     live_magnitude = "lora_magnitude_vector"
     file_parts = ("lora_down.weight", "lora_up.weight", "dora_scale")
 

@@ -7,7 +7,6 @@ tensor is at its zero start). DoRA: ComfyUI (at least to a125cd84) divides by th
 of the base weight where LyCORIS and peft divide by the merged weight's (Comfy-Org/ComfyUI
 PR #15458, open): its change is checked against that formula, and against ours once fixed."""
 
-import copy
 import sys
 from pathlib import Path
 
@@ -16,6 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "benchmarks"))
 import comfy_loader  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kind_build import random_weights  # noqa: E402
 
 ROOT = comfy_loader.snapshot_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="no ComfyUI snapshot (EMOTRAIN_COMFYUI) or einops missing")
@@ -28,24 +30,8 @@ def model():
 
 
 def build_file(kind: str, model, path: Path) -> Path:
-    """The tiny model's UNet and text encoders with a random ``kind`` adapter, saved by emotrain."""
-    from emotrain.config import TrainConfig
     from emotrain.lora.formats import save_lora_file
-    from emotrain.lora.inject import add_lora, lora_config_for_run
-    from emotrain.lora.live import lora_weights_from_model
-    from emotrain.sdxl import COMPONENTS
-
-    cfg = TrainConfig(model="tiny", rank=4, adapter=kind, train_text_encoders=True,
-                      **({"lokr_factor": 4} if kind == "lokr" else {}))
-    unet, te1, te2 = (copy.deepcopy(m) for m in (model.unet, model.text_encoder, model.text_encoder_2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for component, part in zip(COMPONENTS, (unet, te1, te2)):
-            add_lora(part, lora_config_for_run(cfg, component), fast=False)
-            for name, p in part.named_parameters():
-                if p.requires_grad and "magnitude" not in name:  # DoRA's magnitude keeps peft's start, ||W||
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return save_lora_file(path, lora_weights_from_model(unet, (te1, te2)), "kohya")
+    return save_lora_file(path, random_weights(kind, model), "kohya")
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
