@@ -65,7 +65,8 @@ def check(files) -> None:
 def table(rounds: int = 15) -> None:
     """Each kind's UNet built first; then ``rounds`` rounds of one training step per kind,
     interleaved (so that a load change on the machine hits every kind alike); the median
-    per kind, the first round (warm-up) left out."""
+    per kind, the first round (warm-up) left out, of the wall time and of the process' CPU
+    time (which other processes on a shared machine disturb less)."""
     from emotrain.config import TrainConfig
     from emotrain.lora.inject import lora_config_for_run, random_lora_unet
     from emotrain.vram.state import planned_state_bytes
@@ -80,15 +81,16 @@ def table(rounds: int = 15) -> None:
         meta = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in params]
         state = {o: planned_state_bytes(o, meta, shadow=False, args={}) for o in ("adamw", "emoairy")}
         name = kind + (f" factor {extra['lokr_factor']}" if extra else "")
-        rows.append([name, n, state, unet, torch.optim.AdamW(params, lr=1e-4), unet_inputs(unet), []])
+        rows.append([name, n, state, unet, torch.optim.AdamW(params, lr=1e-4), unet_inputs(unet), [], []])
     for i in range(rounds):
         for row in rows:
-            unet, opt, inputs, times = row[3:]
-            t = time.perf_counter()
+            unet, opt, inputs, times, cpu = row[3:]
+            t, c = time.perf_counter(), time.process_time()
             unet(**inputs).sample.square().mean().backward()
             opt.step()
             opt.zero_grad()
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
         if i:
             _print_table(rows, i + 1)  # after every round: a slow machine still leaves the medians so far
 
@@ -96,14 +98,15 @@ def table(rounds: int = 15) -> None:
 def _print_table(rows, rounds: int) -> None:
     def median(times):
         return sorted(times[1:])[len(times[1:]) // 2]
-    ref = median(rows[0][6])
+    ref, ref_cpu = median(rows[0][6]), median(rows[0][7])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds")
-    print("| kind | parameters | adamw state bytes | emoairy state bytes | step time (median) | vs LoRA |")
-    print("|---|---|---|---|---|---|")
-    for name, n, state, *_, times in rows:
-        t = median(times)
-        print(f"| {name} | {n:,} | {state['adamw']:,} | {state['emoairy']:,} | {t * 1000:.0f} ms | {t / ref:.2f}x |",
-              flush=True)
+    print("| kind | parameters | adamw state bytes | emoairy state bytes | step wall (median) | vs LoRA "
+          "| step CPU time (median) | vs LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, state, *_, times, cpu in rows:
+        t, c = median(times), median(cpu)
+        print(f"| {name} | {n:,} | {state['adamw']:,} | {state['emoairy']:,} | {t * 1000:.0f} ms | {t / ref:.2f}x "
+              f"| {c * 1000:.0f} ms | {c / ref_cpu:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
