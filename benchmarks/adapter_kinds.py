@@ -5,10 +5,11 @@ per kind on the tiny model.
       own loader (``<Module>.make_module_from_state_dict``, lycoris-lora 4.1.3, unpacked
       wheel at LYCORIS_SRC; einops and toml on PYTHONPATH) on the tiny model's layer, its
       merged weight (``get_merged_weight``) against emotrain's (base + LoraModule.delta).
-  table   parameters, state bytes (adamw, emoairy) and training-step time vs LoRA, tiny model.
+  table   parameters, state bytes (adamw, emoairy) and training-step time vs LoRA, tiny model
+      (rank 4, full targets, CPU fp32, AdamW step; kinds interleaved, median of the rounds).
 
     PYTHONPATH=$PWD:/tmp/lycoris python benchmarks/adapter_kinds.py check /tmp/lycoris run/lora.safetensors
-    PYTHONPATH=$PWD python benchmarks/adapter_kinds.py table
+    PYTHONPATH=$PWD python benchmarks/adapter_kinds.py table [ROUNDS]
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def check(files) -> None:
               f"worst relative difference of the change {worst:.2e}")
 
 
-def table(steps: int = 6) -> None:
+def table(rounds: int = 15) -> None:
+    """Each kind's UNet built first; then ``rounds`` rounds of one training step per kind,
+    interleaved (so that a load change on the machine hits every kind alike); the median
+    per kind, the first round (warm-up) left out, of the wall time and of the process' CPU
+    time (which other processes on a shared machine disturb less)."""
     from emotrain.config import TrainConfig
     from emotrain.lora.inject import lora_config_for_run, random_lora_unet
     from emotrain.vram.state import planned_state_bytes
@@ -75,22 +80,33 @@ def table(steps: int = 6) -> None:
         n = sum(p.numel() for p in params)
         meta = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in params]
         state = {o: planned_state_bytes(o, meta, shadow=False, args={}) for o in ("adamw", "emoairy")}
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        inputs = unet_inputs(unet)
-        times = []
-        for i in range(steps):
-            t = time.perf_counter()
+        name = kind + (f" factor {extra['lokr_factor']}" if extra else "")
+        rows.append([name, n, state, unet, torch.optim.AdamW(params, lr=1e-4), unet_inputs(unet), [], []])
+    for i in range(rounds):
+        for row in rows:
+            unet, opt, inputs, times, cpu = row[3:]
+            t, c = time.perf_counter(), time.process_time()
             unet(**inputs).sample.square().mean().backward()
             opt.step()
             opt.zero_grad()
             times.append(time.perf_counter() - t)
-        rows.append((kind + (f" factor {extra['lokr_factor']}" if extra else ""), n, state,
-                     sorted(times[1:])[len(times[1:]) // 2]))
-    ref = rows[0][3]
-    print("| kind | parameters | adamw state bytes | emoairy state bytes | step time vs LoRA |")
-    print("|---|---|---|---|---|")
-    for name, n, state, t in rows:
-        print(f"| {name} | {n:,} | {state['adamw']:,} | {state['emoairy']:,} | {t / ref:.2f}x |")
+            cpu.append(time.process_time() - c)
+        if i:
+            _print_table(rows, i + 1)  # after every round: a slow machine still leaves the medians so far
+
+
+def _print_table(rows, rounds: int) -> None:
+    def median(times):
+        return sorted(times[1:])[len(times[1:]) // 2]
+    ref, ref_cpu = median(rows[0][6]), median(rows[0][7])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds")
+    print("| kind | parameters | adamw state bytes | emoairy state bytes | step wall (median) | vs LoRA "
+          "| step CPU time (median) | vs LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, n, state, *_, times, cpu in rows:
+        t, c = median(times), median(cpu)
+        print(f"| {name} | {n:,} | {state['adamw']:,} | {state['emoairy']:,} | {t * 1000:.0f} ms | {t / ref:.2f}x "
+              f"| {c * 1000:.0f} ms | {c / ref_cpu:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
@@ -98,4 +114,4 @@ if __name__ == "__main__":
         sys.path.insert(0, sys.argv[2])
         check(sys.argv[3:])
     else:
-        table()
+        table(int(sys.argv[2]) if len(sys.argv) > 2 else 15)

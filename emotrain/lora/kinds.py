@@ -7,7 +7,8 @@ kohya/LyCORIS file and in a diffusers file, how its weight delta is computed (me
 convert, bake: ``LoraModule.delta``), and how many parameters a layer adds (vram).
 
 ``lora`` (LoRA on linear layers and 1x1 convs, LoCon on 3x3 convs) is here; DoRA, LoHa
-and LoKr (LyCORIS' algorithms, through peft's implementations) are in ``lycoris.py``.
+and LoKr (LyCORIS' algorithms, through peft's implementations) are in ``lycoris.py``; what
+they all share, in ``kind_base.py``.
 Injection (inject.py), the live model (live.py), the file formats (formats/), stacking and
 the memory plan go through the registry. Only this package knows peft's tensor names.
 """
@@ -20,11 +21,12 @@ import torch
 
 from ..errors import UserError
 from ..sdxl import Targets
+from .kind_base import AdapterKind
 from .lycoris import LohaKind, LokrKind, config_kwargs, exact_kwargs
 from .weights import ADAPTER, LoraModule, _KINDS
 
 
-class LoraKind:
+class LoraKind(AdapterKind):
     """LoRA: ``delta W = alpha/rank * up @ down`` (a 1x1 conv after a kxk conv for
     convolutions); peft's ``LoraConfig``, kohya's ``lora_down``/``lora_up``/``alpha``."""
 
@@ -69,9 +71,6 @@ class LoraKind:
         from peft import LoraConfig
         return isinstance(config, LoraConfig) and not config.use_dora
 
-    def after_inject(self, model, adapter: str = ADAPTER) -> None:
-        """What peft's injection leaves to do (LoKr's scale of fully full modules)."""
-
     # -- the live model ----------------------------------------------------------------
 
     def is_layer(self, module, adapter: str | None = ADAPTER) -> bool:
@@ -94,23 +93,12 @@ class LoraKind:
         down, up = self.factors(layer, adapter)
         return {"down": down, "up": up}
 
-    def layer_scale(self, layer, adapter: str = ADAPTER) -> float:
-        return float(layer.scaling[adapter])
-
     def layer_alpha(self, layer, adapter: str = ADAPTER) -> float:
         """The alpha that, over the layer's rank, gives the scale the model computes."""
         r = layer.r[adapter]
         alpha = float(layer.lora_alpha[adapter])
         scaling = self.layer_scale(layer, adapter)
         return alpha if math.isclose(scaling, alpha / r, rel_tol=1e-6) else scaling * r
-
-    def layer_parameters(self, layer, adapter: str = ADAPTER) -> int:
-        return sum(p.numel() for p in self.live_tensors(layer, adapter).values())
-
-    def module_from_layer(self, layer, adapter: str = ADAPTER) -> LoraModule:
-        """The layer's adapter, copied out in float32."""
-        t = {k: v.detach().float().clone() for k, v in self.live_tensors(layer, adapter).items()}
-        return self.module(t, self.layer_alpha(layer, adapter), tuple(layer.get_base_layer().weight.shape))
 
     def module(self, tensors: dict, alpha: float, shape=None) -> LoraModule:
         return LoraModule(tensors["down"], tensors["up"], alpha)
@@ -150,9 +138,6 @@ class LoraKind:
     def rank(self, m: LoraModule) -> int:
         return m.down.shape[0]
 
-    def scale(self, m: LoraModule) -> float:
-        return m.alpha / self.rank(m)
-
     def is_conv(self, m: LoraModule) -> bool:
         return m.down.ndim == 4
 
@@ -185,7 +170,7 @@ class DoraKind(LoraKind):
     name = "dora"
     description = "DoRA (weight-decomposed LoRA: LyCORIS' dora_wd, peft's use_dora)"
     network_module = "lycoris.kohya"
-    diffusers_loads = False  # the diffusers twin is written for LoRA only (see README)
+    diffusers_loads = True  # through peft's use_dora (the twin's lora_magnitude_vector)
     live_magnitude = "lora_magnitude_vector"
     file_parts = ("lora_down.weight", "lora_up.weight", "dora_scale")
 

@@ -24,6 +24,7 @@ import torch
 from ..errors import UserError
 from ..sdxl import weight_shape
 from .formats.common import mode
+from .kind_base import AdapterKind
 from .weights import ADAPTER, LoraModule
 
 FULL_RANK = 1 << 20  # a rank beyond any layer's size/2: peft's LoKr then keeps w2 a full matrix
@@ -58,14 +59,13 @@ def exact_kwargs(modules: dict, peft_targets: dict[str, str], alpha_key: str, ra
             "alpha_pattern": alpha_pattern}
 
 
-class _LycorisKind:
+class _LycorisKind(AdapterKind):
     """What LoHa and LoKr share: peft ParameterDicts named as LyCORIS' keys, alpha."""
 
     name = ""
     prefix = ""
     roles: tuple[str, ...] = ()
     tucker = ""  # the Tucker core's name, which emotrain neither trains nor reads
-    network_module = "lycoris.kohya"
     diffusers_loads = False  # diffusers' load_lora_weights has no LoHa/LoKr
 
     def _config_class(self):
@@ -87,9 +87,6 @@ class _LycorisKind:
     def owns_config(self, config) -> bool:
         return isinstance(config, self._config_class())
 
-    def after_inject(self, model, adapter: str = ADAPTER) -> None:
-        pass
-
     # -- the live model ----------------------------------------------------------------
 
     def is_layer(self, module, adapter: str | None = ADAPTER) -> bool:
@@ -105,18 +102,8 @@ class _LycorisKind:
     def live_tensors(self, layer, adapter: str = ADAPTER) -> dict:
         return {r: getattr(layer, r)[adapter] for r in self.roles if adapter in getattr(layer, r)}
 
-    def layer_scale(self, layer, adapter: str = ADAPTER) -> float:
-        return float(layer.scaling[adapter])
-
     def layer_alpha(self, layer, adapter: str = ADAPTER) -> float:
         return self.layer_scale(layer, adapter) * layer.r[adapter]
-
-    def layer_parameters(self, layer, adapter: str = ADAPTER) -> int:
-        return sum(p.numel() for p in self.live_tensors(layer, adapter).values())
-
-    def module_from_layer(self, layer, adapter: str = ADAPTER) -> LoraModule:
-        t = {k: v.detach().float().clone() for k, v in self.live_tensors(layer, adapter).items()}
-        return self.module(t, self.layer_alpha(layer, adapter), tuple(layer.get_base_layer().weight.shape))
 
     def module(self, tensors: dict, alpha: float, shape=None) -> LoraModule:
         return LoraModule(None, None, float(alpha), kind=self.name, extra=dict(tensors),
@@ -148,9 +135,6 @@ class _LycorisKind:
         return {"algo": self.name}
 
     # -- the math ----------------------------------------------------------------------
-
-    def scale(self, m: LoraModule) -> float:
-        return m.alpha / self.rank(m)
 
     def is_conv(self, m: LoraModule) -> bool:
         return m.shape is not None and len(m.shape) == 4

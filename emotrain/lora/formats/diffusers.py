@@ -1,7 +1,11 @@
 """The diffusers format: what ``pipe.load_lora_weights(folder)`` reads.
 
-We write peft's own key layout (``unet.<module>.lora_A.weight``) plus the LoraConfig
-arguments in the ``lora_adapter_metadata`` header: diffusers 0.42 converts older layouts
+We write peft's own key layout (``unet.<module>.lora_A.weight``; DoRA also
+``<module>.lora_magnitude_vector.weight``, peft's magnitude: (out,) for a linear layer,
+(1, out, 1, 1) for a convolution; with the ``.weight`` the text encoders' loader,
+transformers' ``load_adapter``, finds it too, without it that loader silently keeps the
+magnitude's start) plus the LoraConfig arguments in the ``lora_adapter_metadata`` header
+(``use_dora`` for DoRA): diffusers 0.42 converts older layouts
 only when the first key needs it, which silently drops attention LoRAs in a mixed file,
 and without the header it takes alpha to be the rank. We read that layout and the older
 ones (``lora.down``, ``lora_linear_layer``, attention processors) too.
@@ -32,11 +36,12 @@ _SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".alpha", "alpha"),
+    (".lora_magnitude_vector", "dora_scale"), (".lora_magnitude_vector.weight", "dora_scale"),
 )
 
 
 def accepts(weights: LoraWeights) -> bool:
-    """diffusers' load_lora_weights loads LoRA; LoHa and LoKr it cannot."""
+    """diffusers' load_lora_weights loads LoRA and (through peft) DoRA; LoHa and LoKr it cannot."""
     return all(KINDS[k].diffusers_loads for k in weights.kinds)
 
 
@@ -84,7 +89,7 @@ def read(tensors: dict[str, torch.Tensor], header: dict[str, str], p: Path, unet
     for key, value in tensors.items():
         parsed = _module(key)
         if parsed is None:
-            if "dora" in key or "magnitude" in key or "lokr" in key:
+            if "dora" in key or "lokr" in key or "hada" in key:
                 raise common.unsupported(p, key)
             raise UserError(f"LoRA file {p} has an unknown key {key!r}: it is not a LoRA emotrain can read")
         component, name, kind = parsed
@@ -95,7 +100,11 @@ def read(tensors: dict[str, torch.Tensor], header: dict[str, str], p: Path, unet
             raise common.incomplete(p, f"{component}.{name}")
         down, up = parts["down"], parts["up"]
         common.check_pair(p, f"{component}.{name}", down, up)
-        modules[f"{component}.{name}"] = LoraModule(down, up, _alpha(parts, config, component, name, down.shape[0]))
+        alpha = _alpha(parts, config, component, name, down.shape[0])
+        if "dora_scale" in parts:
+            modules[f"{component}.{name}"] = KINDS["dora"].module(parts, alpha)
+        else:
+            modules[f"{component}.{name}"] = LoraModule(down, up, alpha)
     return LoraWeights(modules, source_format="diffusers")
 
 
@@ -127,6 +136,10 @@ def write(path, weights: LoraWeights, metadata: dict | None = None, unet_config=
             down, up = common.cast(m, dtype)
             for suffix, role in LORA.diffusers_parts.items():
                 tensors[f"{component}.{name}.{suffix}"] = down if role == "down" else up
+            if m.kind == "dora":  # peft's magnitude: (out,) for a linear layer, (1, out, 1, 1) for a conv
+                mag = m.extra["dora_scale"].flatten()
+                mag = mag.reshape(1, -1, 1, 1) if down.ndim == 4 else mag
+                tensors[f"{component}.{name}.lora_magnitude_vector.weight"] = mag if dtype is None else mag.to(dtype)
         for k, v in peft_config_kwargs(modules, component).items():
             adapter_meta[f"{component}.{k}"] = v
     header = {**common.stringify(header_passthrough(weights.metadata)), **common.stringify(metadata), "format": "pt",

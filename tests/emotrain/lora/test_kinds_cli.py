@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from emotrain.config import TrainConfig
 from emotrain.lora.inject import add_lora, lora_config_for_run
 from emotrain.sdxl import kohya_name
-from helpers import run_cli, train
+from helpers import run_cli, train, unet_output
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kind_math import file_delta  # noqa: E402
@@ -59,7 +59,8 @@ def test_file_has_lycoris_keys_and_metadata(run):
     assert args["algo"] == {"dora": "lora", "loha": "loha", "lokr": "lokr"}[kind]
     assert args.get("dora_wd") == ("True" if kind == "dora" else None)
     assert kind != "lokr" or args["factor"] == "4"
-    assert not (out / "pytorch_lora_weights.safetensors").exists()  # no diffusers twin for these kinds
+    # diffusers loads DoRA (through peft): the twin; LoHa and LoKr it cannot: none
+    assert (out / "pytorch_lora_weights.safetensors").exists() == (kind == "dora")
 
 
 def test_file_delta_equals_the_trained_models_weight(run, tiny_path):
@@ -95,6 +96,28 @@ def test_file_delta_equals_the_trained_models_weight(run, tiny_path):
         assert delta.abs().max() > 0, path  # trained: not the zero start
         checked += 1
     assert checked > 100 and not modules  # every module of the file is a layer of the model
+
+
+def test_dora_twin_in_diffusers_equals_the_trained_model(run, tiny_path):
+    """diffusers' own load_lora_weights on the run's twin: the UNet's output equals the
+    trained model's (the last checkpoint, injected as training made it)."""
+    kind, out = run
+    if kind != "dora":
+        pytest.skip("diffusers loads no LoHa/LoKr: no twin")
+    unet = UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")
+    cfg = TrainConfig(**json.loads((out / "run.json").read_text())["config"])
+    add_lora(unet, lora_config_for_run(cfg), fast=False)
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(out / "checkpoints" / "step-000004" / "trainable.safetensors").items():
+            params[name.removeprefix("unet.")].copy_(value)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_path, torch_dtype=torch.float32)
+    pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+    loaded = sum(isinstance(m, BaseTunerLayer) and bool(m.lora_magnitude_vector) for m in pipe.unet.modules())
+    assert loaded == sum(isinstance(m, BaseTunerLayer) for m in unet.modules()) > 100
+    want, got = unet_output(unet), unet_output(pipe.unet)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert (unet_output(UNet2DConditionModel.from_pretrained(tiny_path, subfolder="unet")) - want).abs().max() > 1e-4
 
 
 def test_resume_is_bit_exact(run, tmp_path):
@@ -143,8 +166,14 @@ def test_convert_combine_and_plan(run, tmp_path):
     run_cli("convert", lora, back, "--to", "kohya")
     a, b = load_file(lora), load_file(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    refused = run_cli("convert", lora, tmp_path / "d.safetensors", "--to", "diffusers", expect=2)
-    assert "diffusers" in refused.output and len(refused.output.strip().splitlines()) == 1
+    if kind == "dora":  # the twin's layout, and back: the same tensors
+        run_cli("convert", lora, tmp_path / "d.safetensors", "--to", "diffusers")
+        run_cli("convert", tmp_path / "d.safetensors", tmp_path / "k.safetensors", "--to", "kohya")
+        c = load_file(tmp_path / "k.safetensors")
+        assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    else:
+        refused = run_cli("convert", lora, tmp_path / "d.safetensors", "--to", "diffusers", expect=2)
+        assert "diffusers" in refused.output and len(refused.output.strip().splitlines()) == 1
     # several files of these kinds: no exact sum; --rank compresses to a plain LoRA with the error
     run_cli("merge", "--lora", lora, "--lora", lora, "--output", tmp_path / "c.safetensors", expect=2)
     if kind != "dora":  # DoRA's change needs the base weights: merge --model only
