@@ -30,6 +30,8 @@ def numeric_cases(o):
         bad.append("0")
     if o.maximum is not None:
         bad.append(str(int(o.maximum) * 2 + 1) if o.type is int else repr(o.maximum * 2))
+    if o.below is not None:  # the bound itself is out (--ema-decay 1)
+        bad.append(repr(o.below))
     return bad
 
 
@@ -319,6 +321,9 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--text-encoder-lr", "1e-4"],  # the text encoders are not trained
     ["--optim", "prodigy", "--unet-lr", "1.0", "--loraplus-ratio", "16"],  # Prodigy takes one lr for all groups
     ["--optim", "prodigy", "--train-text-encoders", "--text-encoder-lr", "0.5"],
+    ["--ema-on-cpu"],  # no EMA to keep: --ema-decay is 0
+    ["--ema-for-eval"],
+    ["--ema-decay", "0.99", "--optim", "adamw-schedulefree"],  # it averages its weights already
 ]
 
 
