@@ -147,3 +147,23 @@ def test_vram_plan_counts_the_ema(tmp_path):
     table = run_cli("vram", "--model", "tiny", "--resolution", "64", "--rank", "8", "--optim", "emoairy",
                     "--ema-decay", str(DECAY)).output
     assert f"EMA (--ema-decay {DECAY:g}): one fp32 copy of the LoRA, {4 * counted / 1e6:,.1f} MB, on the GPU" in table
+    measured = vram.measure(cfg.replace(ema_decay=DECAY, resolution=32, seed=0), "emoairy", steps=1)  # EMA updated
+    assert measured["planned_train_step_bytes"]["emoairy"] == gpu_row["training_step_bytes"]
+
+
+def test_a_checkpoints_ema_file_is_checked_like_the_others(ema_run, tmp_path):
+    import shutil
+
+    from emotrain.disk.verify import problem
+
+    good = ema_run / "checkpoints" / "step-000003"
+    assert problem(good) is None
+    missing, damaged = tmp_path / "step-000003", tmp_path / "damaged" / "step-000003"
+    shutil.copytree(good, missing)
+    shutil.copytree(good, damaged)
+    (missing / "ema.safetensors").unlink()
+    assert problem(missing) == "ema.safetensors is missing"
+    data = bytearray((damaged / "ema.safetensors").read_bytes())
+    data[-1] ^= 1
+    (damaged / "ema.safetensors").write_bytes(bytes(data))
+    assert "ema.safetensors does not match the sha256" in problem(damaged)
