@@ -127,7 +127,8 @@ def test_ema_for_eval_changes_samples_not_training(tmp_path):
     assert len(raw) == len(ema) == 2
     assert torch.equal(raw[0], ema[0])  # step 0: the EMA is the starting weights
     assert not torch.equal(raw[1], ema[1])  # the end: drawn with the EMA
-    assert "dashed: their EMA" in (tmp_path / "eval" / "report.html").read_text()
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "dashed: their EMA" in html and f"(EMA {final['val/loss_ema']:.5g})" in html  # figure and summary
 
 
 def test_vram_plan_counts_the_ema(tmp_path):
