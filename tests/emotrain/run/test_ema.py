@@ -105,7 +105,7 @@ def test_a_checkpoint_without_ema_is_not_resumed_with_one(tmp_path):
 
 
 def _sample_pixels(out):
-    return [torch.from_numpy(np.asarray(Image.open(p))) for p in sorted((out / "samples").glob("*.png"))]
+    return [torch.from_numpy(np.array(Image.open(p))) for p in sorted((out / "samples").glob("*.png"))]
 
 
 def test_ema_for_eval_changes_samples_not_training(tmp_path):
