@@ -142,6 +142,18 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
                 bad(key, exc)
     check_watch_options(cfg, bad)
     check_schedule_options(cfg, bad)
+    check_ema_options(cfg, bad)
+
+
+def check_ema_options(cfg, bad) -> None:
+    """The EMA's companions need an EMA; a schedule-free optimizer already averages."""
+    for key in ("ema_on_cpu", "ema_for_eval"):
+        if getattr(cfg, key) and not cfg.ema_decay:
+            bad(key, f"needs an EMA, and --ema-decay is 0 (off): add --ema-decay (e.g. 0.999) or drop "
+                f"{BY_NAME[key].cli_name}")
+    if cfg.ema_decay and cfg.optim == "adamw-schedulefree":
+        bad("ema_decay", "adamw-schedulefree already averages its weights (its saved LoRA is that average): drop "
+            "--ema-decay or pick another --optim")
 
 
 def check_schedule_options(cfg, bad) -> None:

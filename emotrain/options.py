@@ -59,6 +59,7 @@ class Option:
     choice_word: str = ""  # "optimizer": an unknown value reads "unknown optimizer 'x'"
     minimum: float | None = None  # inclusive
     maximum: float | None = None  # inclusive
+    below: float | None = None  # exclusive upper bound
     positive: bool = False  # > 0
     multiple_of: int | None = None
     resumable: bool = False  # a resumed run may change it (anything else would break exactness)
@@ -120,6 +121,8 @@ class Option:
                 return f"must be at least {_num(self.minimum)}, got {value}"
             if self.maximum is not None and value > self.maximum:
                 return f"must be at most {_num(self.maximum)}, got {value}"
+            if self.below is not None and value >= self.below:
+                return f"must be below {_num(self.below)}, got {value}"
         return None
 
 
@@ -225,6 +228,14 @@ OPTIONS: tuple[Option, ...] = (
        "loraplus_lr_ratio; 16 is usual).", "Optimizer", nullable=True, positive=True, maximum=1000),
     _o("max_grad_norm", float, 1.0, "Gradient clipping norm; 0 turns clipping off.", "Optimizer", nullable=True,
        minimum=0),
+    _o("ema_decay", float, 0.0, "Keep an exponential moving average of the LoRA weights in fp32: after every "
+       "optimizer step ema = decay x ema + (1 - decay) x weights, from the starting weights, no warm-up; saved "
+       "as lora-ema.safetensors (and its diffusers twin) beside the LoRA (0: off; 0.999 is usual).", "Optimizer",
+       minimum=0, below=1, memory=True, hint="(0 turns it off; 0.99 to 0.9999 is usual)"),
+    _o("ema_on_cpu", bool, False, "Keep the EMA in CPU memory instead of on the training device (a copy of the "
+       "weights to the CPU every step; needs --ema-decay).", "Optimizer", memory=True),
+    _o("ema_for_eval", bool, False, "Samples during training use the EMA weights (validation reports the raw and "
+       "the EMA loss whenever --ema-decay is on); needs --ema-decay.", "Optimizer", resumable=True),
     # -- schedule ------------------------------------------------------------------------
     _o("steps", int, 1000, "Optimizer steps in all.", "Schedule", minimum=1, maximum=MAX_COUNT, resumable=True),
     _o("batch_size", int, 1, "Images per micro-batch.", "Schedule", minimum=1, maximum=4096, memory=True),

@@ -81,7 +81,8 @@ def _refuse_other_run(folder: RunFolder, output: str, restart: bool = True) -> s
     if existing:  # a new run there would mix with (and prune) another run's checkpoints
         raise UserError(f"{output} already holds a run (checkpoint {existing[-1].name}): continue it with "
                         f"--resume {output}, or pass another --output")
-    loras = [f.file_name for f in FORMATS.values() if (folder.root / f.file_name).exists()]
+    loras = [name for f in FORMATS.values() for name in (f.file_name, f.ema_file_name)
+             if (folder.root / name).exists()]
     found = loras + [name for name in RUN_FILES if (folder.root / name).exists()]
     if not found:
         return None

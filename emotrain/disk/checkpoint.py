@@ -2,6 +2,7 @@
 
 A checkpoint is a folder ``OUTPUT/checkpoints/step-NNNNNN/`` holding
 - ``trainable.safetensors``: the LoRA parameters by name (exact fp32 values);
+- ``ema.safetensors`` (with --ema-decay only): the EMA of the LoRA by name (run/ema.py);
 - ``training_state.pt``: optimizer, LR scheduler, GradScaler and RNG states, readable
   with ``torch.load(weights_only=True)`` (tensors, numbers and lists only);
 - ``checkpoint.json``: step, data order position, the resolved config, versions, the
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .atomic import atomic_path, remove_tree
 from ..errors import NonFiniteState, UserError
-from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, TRAINABLE, TRAINING_STATE, step_name
+from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, EMA, TRAINABLE, TRAINING_STATE, step_name
 from .verify import CHECKPOINT_VERSIONS, file_record, read_meta, self_checksum, step_folders
 
 # torch and numpy are imported where tensors are handled: finding and checking a
@@ -68,10 +69,11 @@ def non_finite(named_params: dict, optimizer_state: dict) -> str | None:
 
 def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, lr_scheduler, scaler,
                     data_state: dict, noise_state, config: dict, info: dict,
-                    keep: int | None = None) -> Path:
+                    keep: int | None = None, ema: dict | None = None) -> Path:
     """Write ``folder/step-NNNNNN`` atomically, with every file's size and sha256 and a
     checksum of checkpoint.json itself; then keep only the newest ``keep``. ``noise_state``
-    is one generator state, or a list with one per process."""
+    is one generator state, or a list with one per process; ``ema``: the EMA's tensors by
+    name (--ema-decay), or None."""
     import torch
     from safetensors.torch import save_file
 
@@ -86,12 +88,15 @@ def save_checkpoint(folder: Path, *, step: int, named_params: dict, optimizer, l
     # re-saving a step (a resumed run passing it again) replaces this run's own folder
     with atomic_path(final, directory=True, replace_folder=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in named_params.items()}, tmp / TRAINABLE)
+        if ema is not None:
+            save_file(ema, tmp / EMA)
         torch.save({"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "noise_generator": noise_states[0], "noise_generators": noise_states,
                     "rng": rng_state()}, tmp / TRAINING_STATE)
         meta = {"format": VERSION, "step": step, "data": data_state, "config": config, **info,
-                "files": {name: file_record(tmp / name) for name in (TRAINABLE, TRAINING_STATE)}}
+                "files": {name: file_record(tmp / name) for name in (TRAINABLE, TRAINING_STATE)
+                          + ((EMA,) if ema is not None else ())}}
         meta["sha256"] = self_checksum(meta)
         (tmp / CHECKPOINT_JSON).write_text(json.dumps(meta, indent=2))
     if keep:
@@ -115,14 +120,19 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_scheduler, scaler,
-                       noise_generator, rank: int = 0) -> dict:
+                       noise_generator, rank: int = 0, ema=None) -> dict:
     """Load a checkpoint into freshly built training objects; returns its metadata (with
-    ``noise_restored``: whether this process's noise stream was in it)."""
+    ``noise_restored``: whether this process's noise stream was in it). ``ema``: the run's
+    EMA (run/ema.py), which the checkpoint must hold (refused in one line if it does not)."""
     import torch
     from safetensors.torch import load_file
 
     meta = read_meta(path)
+    if ema is not None and not (path / EMA).is_file():
+        raise UserError(f"checkpoint {path} holds no EMA of the LoRA (it was written without --ema-decay): resume "
+                        "without --ema-decay, or start a new run with it")
     try:
+        ema_tensors = load_file(path / EMA) if ema is not None else None
         weights = load_file(path / TRAINABLE)
         state = torch.load(path / TRAINING_STATE, weights_only=True, map_location="cpu")
     except Exception as exc:  # a damaged file that no checksum covered (a checkpoint of format 1)
@@ -140,6 +150,8 @@ def restore_checkpoint(path: Path, *, named_params: dict, optimizer, lr_schedule
     with torch.no_grad():
         for name, p in named_params.items():
             p.copy_(weights[name])
+    if ema is not None:
+        ema.load_state_dict(ema_tensors, f"checkpoint {path}")
     try:
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -14,6 +14,7 @@ STEP_NAME = re.compile(r"^step-(\d{6,})$")
 # A checkpoint folder's files; checkpoint.json is written last and marks it complete.
 TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON = "trainable.safetensors", "training_state.pt", "checkpoint.json"
 CHECKPOINT_FILES = (TRAINABLE, TRAINING_STATE, CHECKPOINT_JSON)
+EMA = "ema.safetensors"  # --ema-decay: the EMA of the LoRA by parameter name (run/ema.py); only then
 # What watching a run adds: sample images, tracker logs, every step's scalars, the report.
 SAMPLES, LOGS, METRICS, REPORT = "samples", "logs", "metrics.jsonl", "report.html"
 SAMPLE_NAME = re.compile(r"^step-(\d{6,})-(\d{2,})\.png$")

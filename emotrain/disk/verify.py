@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, STEP_NAME, RunFolder
+from .layout import CHECKPOINT_FILES, CHECKPOINT_JSON, EMA, STEP_NAME, RunFolder
 
 CHECKPOINT_VERSIONS = (1, 2)  # 1: before sizes and checksums were recorded (checked for presence only)
 CHUNK = 1 << 22
@@ -60,7 +60,7 @@ def problem(path: Path) -> str | None:
     except UserError as exc:
         return str(exc)
     records = meta.get("files") or {}
-    for name in CHECKPOINT_FILES:
+    for name in (*CHECKPOINT_FILES, *((EMA,) if EMA in records else ())):  # the EMA's when one was saved
         if name == CHECKPOINT_JSON:
             continue
         file = path / name

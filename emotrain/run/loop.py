@@ -18,6 +18,7 @@ from ..disk import checkpoint
 from . import processes
 from .groups import param_groups
 from .batches import Batches
+from .ema import ema_for_run
 from ..config import TrainConfig
 from ..dataset.encode import prepare_data
 from ..dataset.loader import TrainingData
@@ -62,6 +63,7 @@ class Run:
     info: dict = field(default_factory=dict)
     history: dict | None = None  # the losses up to the checkpoint resumed from
     lost: InputLost | None = None  # an input file gone in this step (a multi-process run stops at its end)
+    ema: object = None  # --ema-decay: the EMA of the LoRA (ema.py)
 
 
 def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stops: StopRequests) -> Run:
@@ -114,18 +116,21 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
               Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
               torch.Generator().manual_seed(processes.noise_seed(cfg.seed, rank)), stops,
               processes.Trace(cfg.output, rank), watch, Objective.of(cfg))
+    run.ema = ema_for_run(cfg, named_params, optimizer.optimizer, device)  # from the starting weights
     folder = RunFolder(cfg.output)
     run.info = {"model_source": sdxl.source, "versions": records.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
                 "prediction_type": schedule.prediction_type, "zero_terminal_snr": schedule.zero_terminal_snr,
                 "processes": world, "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
-                "resumed_from": folder.relative(resume) if resume else None}
+                "resumed_from": folder.relative(resume) if resume else None,
+                "ema": {"decay": cfg.ema_decay, "device": str(run.ema.device), "bytes": run.ema.nbytes} if run.ema
+                else None}
     progress.console.print(processes.effective_batch_line(
         cfg.batch_size, cfg.grad_accum, world))
     if resume is not None:
         meta = checkpoint.restore_checkpoint(resume, named_params=named_params, optimizer=optimizer.optimizer,
                                              lr_scheduler=lr_scheduler, scaler=accelerator.scaler,
-                                             noise_generator=run.noise, rank=rank)
+                                             noise_generator=run.noise, rank=rank, ema=run.ema)
         restore_train_point(optimizer.optimizer)  # schedule-free: the training iterate the checkpoint kept
         run.step, run.history = meta["step"], meta.get("history")
         run.batches = Batches(data.keys, data.batch_sizes, cfg.seed, meta["data"]["epoch"], meta["data"]["position"],
@@ -208,6 +213,8 @@ def optimizer_step(run: Run) -> float:
     if not accelerator.optimizer_step_was_skipped:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update()
     return step_loss
 
 
@@ -247,7 +254,7 @@ def write_checkpoint(run: Run, history: dict, data_state: dict | None, noise_sta
             lr_scheduler=run.lr_scheduler, scaler=run.accelerator.scaler,
             data_state=data_state or run.batches.state_dict(), noise_state=noise_states, config=run.cfg.to_dict(),
             info={"versions": run.info["versions"], "processes": run.accelerator.num_processes, "history": history},
-            keep=run.cfg.keep_checkpoints)
+            keep=run.cfg.keep_checkpoints, ema=run.ema.state_dict() if run.ema else None)
     except (OSError, SafetensorError) as exc:  # a full or failing disk: the previous checkpoint is intact
         found = checkpoint.list_checkpoints(folder.checkpoints)
         raise UserError(f"could not write checkpoint {folder.checkpoint(run.step)} ({exc}): free space or fix the "
@@ -315,7 +322,8 @@ def stopped(run: Run, record: RunRecord, reason: Exception, start: tuple) -> Tra
 
 def save_lora(run: Run, output: Path) -> dict:
     """The trained LoRA in every registered format, each under the format's file name
-    (a schedule-free optimizer's evaluation weights: what validation and samples saw)."""
+    (a schedule-free optimizer's evaluation weights: what validation and samples saw);
+    with --ema-decay, its EMA too, under each format's EMA name (``NAME-ema``)."""
     cfg, sdxl = run.cfg, run.sdxl
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     with evaluation_point(run.optimizer.optimizer):
@@ -323,8 +331,16 @@ def save_lora(run: Run, output: Path) -> dict:
     metadata = records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
                                          cfg.part_lrs)
     folder = RunFolder(output)
-    return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
-            for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr
+    files = {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
+             for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            ema = lora_weights_from_model(sdxl.unet, text_encoders)
+        notes = {**metadata, "emotrain_weights": "ema", "emotrain_ema_decay": str(cfg.ema_decay)}
+        files.update({f"{name}-ema": folder.relative(fmt.write(output / fmt.ema_file_name, ema, notes,
+                                                               unet_config=sdxl.unet.config))
+                      for name, fmt in FORMATS.items() if fmt.accepts(ema)})
+    return files
 
 
 def train(cfg: TrainConfig, resume: Path | None = None, planned: dict | None = None) -> dict:

@@ -62,7 +62,7 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
             progress=None) -> dict:
     """Run ``steps`` real training steps per optimizer on the UNet with the run's LoRA
     (batch size, resolution, precision and checkpointing from ``cfg``; random latents
-    and conditioning) and compare the optimizer state it really holds with the plan.
+    and conditioning; with --ema-decay, its EMA updated after each step) and compare the optimizer state it really holds with the plan.
 
     Shadow-on rows tell the optimizer a loss that jumps on step 2 (``EMOTION_JUMP``), so
     the lazily allocated shadow buffer exists by the end (needs steps >= 2); each row says
@@ -87,6 +87,9 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
+    # --ema-decay: the EMA's fp32 copy held and updated as the loop does (run/ema.py)
+    ema = [p.detach().to("cpu" if cfg.ema_on_cpu else device, torch.float32, copy=True) for p in params] \
+        if cfg.ema_decay else None
     generator = torch.Generator().manual_seed(cfg.seed)
     scheduler = DDPMScheduler.from_config(  # the tiny model shares it
         sdxl.load_config("sdxl_scheduler"), rescale_betas_zero_snr=bool(cfg.zero_terminal_snr),
@@ -122,6 +125,8 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
                 else:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
+                if ema is not None:
+                    torch._foreach_lerp_(ema, [p.detach().to(ema[0].device, torch.float32) for p in params], 1.0 - cfg.ema_decay)
                 advance()
                 if s and shadow_step is None and _has_shadow(opt):
                     shadow_step = step

@@ -141,8 +141,9 @@ def resident_components(cfg) -> tuple[str, ...]:
 
 def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
-    optimizer state, gradients (fp32) and frozen base weights. ``optims`` (default: the
-    config's optimizer) and ``shadow`` (``"off"``/``"on"``/``"both"``, default: the
+    optimizer state, gradients (fp32), frozen base weights and, with --ema-decay, the EMA's
+    fp32 copy of the LoRA (``ema_bytes``: 0 when --ema-on-cpu keeps it in CPU memory).
+    ``optims`` (default: the config's optimizer) and ``shadow`` (``"off"``/``"on"``/``"both"``, default: the
     config's setting) widen it into a comparison table. The config's optimizer arguments
     apply to every optimizer planned. With ``activations``, the step's activations
     (traced, activations.py; the same for every optimizer) and the workspace/allocator
@@ -159,6 +160,10 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     params = lora_parameters(modules)
     lora_bytes = sum(p.numel() * p.element_size() for p in params)
     grad_bytes = lora_bytes  # gradients take the dtype of the fp32 LoRA weights
+    # --ema-decay: one fp32 copy of every LoRA parameter (run/ema.py), on the GPU unless --ema-on-cpu
+    ema_decay, ema_cpu = getattr(cfg, "ema_decay", 0.0), getattr(cfg, "ema_on_cpu", False)
+    ema_total = 4 * sum(p.numel() for p in params) if ema_decay else 0
+    ema_bytes = 0 if ema_cpu else ema_total
     base = base_weight_bytes(modules, cfg.mixed_precision, getattr(cfg, "fp8_base", False))
     base_total = sum(base.values())
     # --fp8-base: one stored layer at a time holds its bf16 copy while it computes
@@ -178,13 +183,14 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     zero = [] if cfg.network_weights else zero_start_parameters(modules.values())
     states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args, zero_start=zero)
               for name, s in dict.fromkeys(rows + [(REFERENCE, False)])}
-    reference_total = lora_bytes + grad_bytes + base_total + transient + states[(REFERENCE, False)]
+    reference_total = lora_bytes + grad_bytes + base_total + transient + ema_bytes + states[(REFERENCE, False)]
     out_rows = {}
     for name, s in rows:
         state = states[(name, s)]
-        total = lora_bytes + state + grad_bytes + base_total + transient
+        total = lora_bytes + state + grad_bytes + base_total + transient + ema_bytes
         out_rows[row_key(name, s)] = {
             "optimizer": name, "shadow": s, "lora_param_bytes": lora_bytes, "state_bytes": state,
+            "ema_bytes": ema_bytes,
             "grad_bytes": grad_bytes, "base_bytes": base_total, "total_bytes": total,
             "delta_vs_emocats_bytes": total - reference_total,
             "training_step_bytes": total - base_total + base_resident,
@@ -220,6 +226,8 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         "mixed_precision": cfg.mixed_precision, "fp8_base": cfg.fp8_base, "train_text_encoders": cfg.train_text_encoders,
         "targets": cfg.targets, "network_weights": cfg.network_weights, "adapter": cfg.adapter,
         "adapter_transient_bytes": transient - fp8_cast, "fp8_cast_bytes": fp8_cast,
+        "ema": {"decay": ema_decay, "bytes": ema_total, "on": "cpu" if ema_cpu else "gpu"}
+        if ema_total else None,
         "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
         "lora_modules": sum(v["modules"] for v in breakdown.values()),
         "lora_params_by_component": {k: v for k, v in by_component.items() if v},

@@ -40,7 +40,9 @@ def format_table(p: dict) -> str:
     kept = " + ".join(p["resident_while_training"])
     table = Table(title=title)
     acts = p.get("activations")
-    cols = ["Optimizer", "LoRA", "Opt. state", "Grads", "Base", "Total", "vs EmoCats", "Train step"]
+    ema = p.get("ema")
+    cols = ["Optimizer", "LoRA", "Opt. state", "Grads"] + (["EMA"] if ema and ema["on"] == "gpu" else [])
+    cols += ["Base", "Total", "vs EmoCats", "Train step"]
     cols += ["Activations", "Margin", "Peak", "Peak GiB"] if acts else []
     fits = any("fit" in row for row in p["optimizers"].values())
     cols += ["Fits?"] if fits else []
@@ -48,7 +50,8 @@ def format_table(p: dict) -> str:
         table.add_column(col, justify="left" if col in ("Optimizer", "Fits?") else "right", no_wrap=True)
     for row in p["optimizers"].values():
         cells = [row_label(row["optimizer"], row["shadow"]), _mb(row["lora_param_bytes"]), _mb(row["state_bytes"]),
-                 _mb(row["grad_bytes"]), _mb(row["base_bytes"]), _mb(row["total_bytes"]),
+                 _mb(row["grad_bytes"])] + ([_mb(row["ema_bytes"])] if "EMA" in cols else [])
+        cells += [_mb(row["base_bytes"]), _mb(row["total_bytes"]),
                  _delta(row["delta_vs_emocats_bytes"]), _mb(row["training_step_bytes"])]
         if acts:
             cells += [_mb(row["activation_bytes"]), _mb(row["margin_bytes"]), _mb(row["peak_bytes"]),
@@ -64,6 +67,9 @@ def format_table(p: dict) -> str:
         + (": the data changes per draw" if len(p["resident_while_training"]) > (3 if p["train_text_encoders"] else 1)
            else "") + ").",
         _activations_line(p),
+        *([f"EMA (--ema-decay {ema['decay']:g}): one fp32 copy of the LoRA, {_mb(ema['bytes'])} MB, "
+           + ("on the GPU (in every total)." if ema["on"] == "gpu" else "in CPU memory (--ema-on-cpu): not in the "
+              "GPU totals.")] if ema else []),
         _sampling_line(p),
         "LoRA parameters by layer kind:"]
     for kind, v in p["lora_params_by_layer"].items():

@@ -32,7 +32,11 @@ def validation(runs):
             kept.append(run)
     lines = [dict(run=runs.index(r), x=r.series("val/loss")[0], y=r.series("val/loss")[1], marker="o", ms=3, lw=1.5,
                   named=True) for r in kept if r.series("val/loss")[0]]
-    return lines, "; ".join(notes)
+    ema = [dict(run=runs.index(r), x=r.series("val/loss_ema")[0], y=r.series("val/loss_ema")[1], marker="s", ms=3,
+                lw=1.2, ls="--") for r in kept if r.series("val/loss_ema")[0]]  # --ema-decay
+    if ema:
+        notes.insert(0, "solid: the trained weights; dashed: their EMA (--ema-decay)")
+    return lines + ema, "; ".join(notes)
 
 
 def learning_rate(runs):

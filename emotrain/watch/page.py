@@ -41,7 +41,8 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         best = "-" if r["best_val_loss"] is None else f"{r['best_val_loss']:.5g} ({r['best_val_step']})"
         cells = [escape(r["run"]), escape(str(r["status"])), _num(r["steps"], "{}"), _num(r["final_loss"]),
-                 _num(r["final_val_loss"], "{:.5g}"), best, _seconds(r["train_seconds"]), _num(r["it_per_s"], "{:.3g}"),
+                 _num(r["final_val_loss"], "{:.5g}") + (f" (EMA {r['final_val_loss_ema']:.5g})"
+                                                         if r.get("final_val_loss_ema") is not None else ""), best, _seconds(r["train_seconds"]), _num(r["it_per_s"], "{:.3g}"),
                  _bytes(r["optimizer_state_bytes"]), _num(r["peak_memory_mib"], "{:,.0f} MiB")]
         out.append("<tr>" + "".join(f"<td{' class=num' if i > 1 else ''}>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
     return "\n".join(out) + "</table>"

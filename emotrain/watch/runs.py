@@ -59,6 +59,7 @@ class RunView:
                 "status": self.info.get("status", "unknown"),
                 "final_loss": self.last("train/loss_smoothed"),
                 "final_val_loss": val[-1] if val else None,
+                "final_val_loss_ema": self.last("val/loss_ema"),  # --ema-decay
                 "best_val_loss": val[best] if val else None, "best_val_step": steps[best] if val else None,
                 "train_seconds": self.metrics[-1].get("time") if self.metrics else self.info.get("seconds"),
                 "it_per_s": sum(speed) / len(speed) if speed else self.info.get("steps_per_second"),

@@ -2,7 +2,8 @@
 
 ``hold_out`` (the scanned data), ``prepare`` (while the VAE is loaded), ``reporting`` (the
 report on every way out), ``begin`` (step 0), ``before_update`` (gradients ready) and
-``after_step``. Validation and samples
+``after_step``. Validation (with --ema-decay: for the
+raw and the EMA weights) and samples (--ema-for-eval: with the EMA weights swapped in)
 run on the main process, inside ``training_rng_untouched``, and never see the loop's
 noise generator; nothing here changes a gradient, a parameter or the data order.
 """
@@ -156,9 +157,13 @@ class Watch:
         with training_rng_untouched(), evaluation_point(run.optimizer.optimizer):
             if self.validation and (step == 0 or due(step, self.val_every, last)):
                 record["val/loss"] = self.validation.loss(run)
+                if run.ema is not None:  # --ema-decay: the EMA's loss beside the raw weights'
+                    with run.ema.swapped_in():
+                        record["val/loss_ema"] = self.validation.loss(run)
             if self.prompts and (step == 0 or due(step, self.sample_every, last)):
                 from .samples import generate
-                images = generate(run, self.prompts, step, self.folder)
+                with run.ema.swapped_in() if run.ema is not None and self.cfg.ema_for_eval else nullcontext():
+                    images = generate(run, self.prompts, step, self.folder)
         self.metrics.write(record)
         self.accelerator.log({k: v for k, v in record.items() if k not in NOT_LOGGED and v is not None}, step=step)
         if images:

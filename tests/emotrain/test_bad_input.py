@@ -30,6 +30,8 @@ def numeric_cases(o):
         bad.append("0")
     if o.maximum is not None:
         bad.append(str(int(o.maximum) * 2 + 1) if o.type is int else repr(o.maximum * 2))
+    if o.below is not None:  # the bound itself is out (--ema-decay 1)
+        bad.append(repr(o.below))
     return bad
 
 
@@ -322,6 +324,9 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--fp8-base"],  # float8 storage computes in bf16: needs --mixed-precision bf16
     ["--fp8-base", "--mixed-precision", "fp16"],
     ["--fp8-base", "--mixed-precision", "bf16", "--adapter", "dora"],  # DoRA reads the float8 base weight
+    ["--ema-on-cpu"],  # no EMA to keep: --ema-decay is 0
+    ["--ema-for-eval"],
+    ["--ema-decay", "0.99", "--optim", "adamw-schedulefree"],  # it averages its weights already
 ]
 
 

@@ -73,7 +73,7 @@ def test_resume_rule_comes_from_the_declaration():
     assert set(RESUMABLE) == {"steps", "save_every", "keep_checkpoints", "output", "cache_dir", "disk_cache",
                               "strict_data", "record_draws", "progress_every", "val_every", "sample_prompts",
                               "sample_prompt", "sample_every", "sample_sampler", "sample_steps",
-                              "sample_keep_models", "log_with", "log_every", "memory_check"}
+                              "sample_keep_models", "log_with", "log_every", "memory_check", "ema_for_eval"}
     cfg = resumed_config(saved, {"steps": 2000, "keep_checkpoints": 9, "rank": saved.rank})
     assert (cfg.steps, cfg.keep_checkpoints) == (2000, 9)
 

@@ -24,6 +24,12 @@ class Format:
     description: str
 
     @property
+    def ema_file_name(self) -> str:
+        """What a run calls the EMA of its LoRA (--ema-decay) in this format: NAME-ema.safetensors."""
+        stem, dot, suffix = self.file_name.rpartition(".")
+        return f"{stem}-ema{dot}{suffix}"
+
+    @property
     def _impl(self):
         return importlib.import_module(f"{__name__}.{self.name}")
 
