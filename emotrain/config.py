@@ -116,6 +116,9 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
     for key, value in (("lokr_factor", cfg.lokr_factor != -1), ("lokr_full_matrix", cfg.lokr_full_matrix)):
         if value and cfg.adapter != "lokr":
             bad(key, f"applies to --adapter lokr only, not {cfg.adapter}: drop it or pass --adapter lokr")
+    for key in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms"):
+        if getattr(cfg, key) and cfg.adapter != "lora":  # defined on up/down factors (sd-scripts' LoRA)
+            bad(key, f"applies to --adapter lora only, not {cfg.adapter}: drop it or pass --adapter lora")
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
     try:

@@ -205,6 +205,17 @@ OPTIONS: tuple[Option, ...] = (
     _o("lokr_factor", int, -1, "LoKr: LyCORIS' factor splitting each dimension (-1: the pair nearest its square "
        "root); it must divide every adapted layer's channels.", "LoRA", minimum=-1, maximum=MAX_RANK, memory=True,
        hint="(-1, or a positive factor such as 4, 8 or 16)"),
+    _o("network_dropout", float, 0.0, "Dropout on each LoRA's down-projection output (its rank neurons), kept ones "
+       "scaled by 1/(1-p), training steps only (sd-scripts' --network_dropout); --adapter lora only.", "LoRA",
+       minimum=0, maximum=0.99),
+    _o("rank_dropout", float, 0.0, "Per sample, each rank of each LoRA dropped with this probability and the "
+       "LoRA's scale times 1/(1-p) (sd-scripts' rank_dropout); --adapter lora only.", "LoRA", minimum=0,
+       maximum=0.99),
+    _o("module_dropout", float, 0.0, "Each LoRA module left out of a training micro-batch with this probability "
+       "(sd-scripts' module_dropout); --adapter lora only.", "LoRA", minimum=0, maximum=0.99),
+    _o("scale_weight_norms", float, None, "Max-norm: after each step, each LoRA module whose delta (up @ down x "
+       "alpha/rank) has a Frobenius norm above this is scaled down to it (sd-scripts'; 1 is usual); the count "
+       "and the norms go to the logs; --adapter lora only.", "LoRA", nullable=True, positive=True),
     _o("lokr_full_matrix", bool, False, "LoKr: both Kronecker factors full matrices (LyCORIS' full_matrix; the "
        "rank then only names the file).", "LoRA", memory=True),
     # -- optimizer -----------------------------------------------------------------------
