@@ -230,7 +230,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("unet_lr", float, None, "Learning rate of the UNet's LoRA.", "Optimizer", nullable=True,
        default_text="--lr", positive=True, maximum=10),
     _o("text_encoder_lr", list, [], "Learning rate of the text encoders' LoRA: one value for both, or two (TE1 "
-       "then TE2: repeat the flag or quote them, \"1e-4 2e-4\"); needs --train-text-encoders.", "Optimizer",
+       "then TE2: --text-encoder-lr 1e-4 2e-4); needs --train-text-encoders.", "Optimizer",
        default_text="--lr", split=True, items=2, positive=True, maximum=10),
     _o("loraplus_ratio", float, None, "LoRA+: the up (B) matrices learn at lr x this ratio (sd-scripts' "
        "loraplus_lr_ratio; 16 is usual).", "Optimizer", nullable=True, positive=True, maximum=1000),

@@ -67,6 +67,7 @@ class Run:
     dropout: object = None  # lora/dropout.py's Dropout where --network/rank/module-dropout are on
     max_norm: list | None = None  # the LoRA factors --scale-weight-norms scales (lora/maxnorm.py)
     scalars: dict = field(default_factory=dict)  # the step's own figures for the logs (max-norm)
+    header: dict = field(default_factory=dict)  # the data's entries in the LoRA's header (record.py)
 
 
 def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stops: StopRequests) -> Run:
@@ -121,7 +122,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
               Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
               torch.Generator().manual_seed(processes.noise_seed(cfg.seed, rank)), stops,
               processes.Trace(cfg.output, rank), watch, Objective.of(cfg), dropout=dropout,
-              max_norm=maxnorm.lora_factors(trained) if cfg.scale_weight_norms else None)
+              max_norm=maxnorm.lora_factors(trained) if cfg.scale_weight_norms else None,
+              header=records.dataset_metadata(scanned))
     folder = RunFolder(cfg.output)
     run.info = {"model_source": sdxl.source, "versions": records.versions(), "examples": len(data.entries),
                 "data": scanned.summary, "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),
@@ -332,8 +334,9 @@ def save_lora(run: Run, output: Path) -> dict:
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     with evaluation_point(run.optimizer.optimizer):
         weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
-                                         cfg.part_lrs)
+    metadata = {**records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
+                                            cfg.part_lrs), **run.header, **records.modelspec(cfg, time.time()),
+                "ss_epoch": str(run.batches.epoch + 1)}  # the epoch the last step drew from (1-based)
     folder = RunFolder(output)
     return {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
             for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr

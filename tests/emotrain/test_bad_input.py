@@ -319,6 +319,10 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--text-encoder-lr", "1e-4"],  # the text encoders are not trained
     ["--optim", "prodigy", "--unet-lr", "1.0", "--loraplus-ratio", "16"],  # Prodigy takes one lr for all groups
     ["--optim", "prodigy", "--train-text-encoders", "--text-encoder-lr", "0.5"],
+    ["--adapter", "dora", "--network-dropout", "0.1"],  # dropout and max-norm: sd-scripts' LoRA's up/down only
+    ["--adapter", "loha", "--rank-dropout", "0.1"],
+    ["--adapter", "lokr", "--module-dropout", "0.1"],
+    ["--adapter", "dora", "--scale-weight-norms", "1"],
 ]
 
 
