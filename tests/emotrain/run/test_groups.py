@@ -54,7 +54,7 @@ def test_two_text_encoder_lrs_unquoted_read_as_the_repeated_flag():
     from emotrain.cli import spread_number_lists
     repeated = ["sdxl-lora", "--text-encoder-lr", "1e-4", "--text-encoder-lr", "2e-4", "--lr", "3"]
     assert spread_number_lists(["sdxl-lora", "--text-encoder-lr", "1e-4", "2e-4", "--lr", "3"]) == repeated
-    assert spread_number_lists(["sdxl-lora", "--text-encoder-lr=1e-4", "2e-4", "--lr", "3"])[3:5] == \
+    assert spread_number_lists(["sdxl-lora", "--text-encoder-lr=1e-4", "2e-4", "--lr", "3"])[2:4] == \
         ["--text-encoder-lr", "2e-4"]
     assert spread_number_lists(repeated) == repeated  # and the quoted and repeated forms stay as they are
     assert spread_number_lists(["sdxl-lora", "--text-encoder-lr", "1e-4 2e-4"]) == ["sdxl-lora", "--text-encoder-lr",

@@ -11,6 +11,7 @@ import torch
 
 from emotrain import vram
 from emotrain.config import TrainConfig
+from emotrain.errors import UserError
 from emotrain.optimizers import EMO, NAMES, build_optimizer, takes_loss
 from optim import state_nbytes
 from emotrain.lora.inject import add_lora, unet_lora_config
@@ -275,7 +276,10 @@ def test_measure_trains_the_models_own_prediction_type():
         return vram.measure(TrainConfig(model=model, rank=4, resolution=32, seed=0, **flags), "adamw", "off", steps=1)
 
     vpred = measured("tiny-vpred")
-    assert (vpred["prediction_type"], vpred["zero_terminal_snr"]) == ("v_prediction", False)
+    assert (vpred["prediction_type"], vpred["zero_terminal_snr"]) == ("v_prediction", True)  # as its config says
     assert "v_prediction target" in vram.format_measure(vpred)
     assert measured("tiny")["prediction_type"] == "epsilon"
-    assert measured("tiny-vpred", v_parameterization=False)["prediction_type"] == "epsilon"
+    flags = measured("tiny-vpred", v_parameterization=False, zero_terminal_snr=False)
+    assert (flags["prediction_type"], flags["zero_terminal_snr"]) == ("epsilon", False)
+    with pytest.raises(UserError, match="needs a v-prediction model"):  # as training refuses it
+        measured("tiny-vpred", v_parameterization=False)

@@ -1,0 +1,129 @@
+"""What the training options that add work to every step cost (issue 16): the tiny model's
+training step with and without each, in one process.
+
+    python benchmarks/option_cost.py                     # CPU, 64 px, batch 2, rank 4
+    python benchmarks/option_cost.py --rounds 3 --steps 3 # quicker
+    python benchmarks/option_cost.py --device cuda --mixed-precision bf16
+
+A step is what the loop does per optimizer step: the objective's draws and loss
+(emotrain/loss.py), the backward, an EmoAiry step, and with --scale-weight-norms the
+max-norm pass (emotrain/lora/maxnorm.py); with a dropout option the step runs inside the
+run's dropout window (emotrain/lora/dropout.py) as training does. Each setting has its own
+copy of the model (same seed); the settings take turns, ``--steps`` steps each per round,
+for ``--rounds`` rounds after one warm-up round, so background load hits them alike. The
+figure per setting is the median over rounds of the seconds per step; the cost is its
+difference to the plain step's median, as a share of the plain step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SETTINGS = {
+    "plain": {},
+    "network dropout 0.1": {"network_dropout": 0.1},
+    "rank dropout 0.1": {"rank_dropout": 0.1},
+    "module dropout 0.1": {"module_dropout": 0.1},
+    "multires noise 6 x 0.3": {"multires_noise_iterations": 6, "multires_noise_discount": 0.3},
+    "scale weight norms 1": {"scale_weight_norms": 1.0},
+}
+
+
+class Setting:
+    def __init__(self, changes: dict, args):
+        import torch
+        from diffusers import DDPMScheduler
+
+        from emotrain import sdxl
+        from emotrain.config import TrainConfig
+        from emotrain.lora import dropout, maxnorm
+        from emotrain.lora.inject import lora_config_for_run, random_lora_unet
+        from emotrain.loss import Objective
+        from emotrain.optimizers import build_optimizer
+        from emotrain.precision import weight_dtype
+        from emotrain.vram.measure import _random_batch
+
+        self.device = torch.device(args.device)
+        self.cfg = TrainConfig(model="tiny", rank=args.rank, resolution=args.resolution, batch_size=args.batch_size,
+                               mixed_precision=args.mixed_precision, seed=0, **changes)
+        dtype = weight_dtype(self.cfg.mixed_precision)
+        torch.manual_seed(0)
+        self.unet = random_lora_unet("tiny", lora_config_for_run(self.cfg), self.device, dtype)
+        self.unet.train()
+        trained = [self.unet]
+        self.dropout = dropout.install(trained, self.cfg.network_dropout, self.cfg.rank_dropout,
+                                       self.cfg.module_dropout)
+        self.factors = maxnorm.lora_factors(trained) if self.cfg.scale_weight_norms else None
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer("emoairy", self.params, 1e-4)
+        self.objective = Objective.of(self.cfg)
+        self.scheduler = DDPMScheduler.from_config(sdxl.load_config("sdxl_scheduler"))
+        self.noise = torch.Generator().manual_seed(0)
+        self.batch = _random_batch(self.unet.config, self.cfg.batch_size, self.cfg.resolution, self.device,
+                                   torch.Generator().manual_seed(1))
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step(self) -> None:
+        b = self.batch
+        window = self.dropout.micro_batch(self.noise) if self.dropout else nullcontext()
+        with window:
+            with self.autocast:
+                loss = self.objective.loss(self.unet, self.scheduler, b["latents"], b["hidden"], b["pooled"],
+                                           b["time_ids"], self.noise)
+            loss.backward()
+        self.optimizer.step(loss=loss.item())  # the loop's host sync: the loss is read every step
+        if self.factors:
+            from emotrain.lora import maxnorm
+            maxnorm.apply(self.factors, self.cfg.scale_weight_norms)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mixed-precision", default="no")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="steps per setting per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    settings = {name: Setting(changes, args) for name, changes in SETTINGS.items()}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (allocator, caches) and is not counted
+        order = list(settings) if round_ % 2 else list(reversed(settings))  # alternating order
+        for name in order:
+            setting = settings[name]
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                setting.step()
+            sync()
+            if round_:
+                times[name].append((time.perf_counter() - start) / args.steps)
+    plain = statistics.median(times["plain"])
+    print(f"device {args.device}, {args.mixed_precision}, {args.resolution} px, batch {args.batch_size}, rank "
+          f"{args.rank}; {args.rounds} rounds x {args.steps} steps per setting; median s/step (min-max of rounds)")
+    print(f"| setting | s/step | range | cost vs plain |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        cost = "-" if name == "plain" else f"{100 * (median - plain) / plain:+.1f}%"
+        print(f"| {name} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} ms | {cost} |")
+
+
+if __name__ == "__main__":
+    main()
