@@ -139,3 +139,20 @@ def test_max_norm_scales_each_delta_above_the_limit_to_it():
     assert figures["max_norm/max_key_norm"] == pytest.approx(limit, rel=1e-5)
     assert figures["max_norm/max_key_norm_before"] == pytest.approx(max(norms), rel=1e-5)
     assert figures["max_norm/average_key_norm"] == pytest.approx((limit + min(norms)) / 2, rel=1e-5)
+
+
+def test_dropout_composes_with_the_fused_forward_under_autocast():
+    from emotrain.lora import fast
+
+    model, reference = net(), net()
+    drop = dropout.install([model], 0.5, 0.25, 0.0)
+    assert isinstance(model.lin, fast.FastLinear) and type(model.lin).__name__ == "DropoutFastLinear"
+    x = torch.randn(16, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.lin(x), reference.lin(x))  # outside the window: the fused forward, unchanged
+        with drop.micro_batch(torch.Generator().manual_seed(2)):
+            out = model.lin(x)
+            _, keep_h, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
+    expected = by_hand(model.lin, x, keep_h.float(), keep_rank.float(), rank_p=0.25)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
