@@ -13,6 +13,12 @@ copy of the model (same seed); the settings take turns, ``--steps`` steps each p
 for ``--rounds`` rounds after one warm-up round, so background load hits them alike. The
 figure per setting is the median over rounds of the seconds per step; the cost is its
 difference to the plain step's median, as a share of the plain step.
+
+On the CPU the clock is the thread's CPU time (``time.thread_time``, one thread): on a
+shared machine the wall time of a step moved by 2x between rounds (other processes
+taking the cores), far more than any option costs; CPU time counts only this process's
+work. On CUDA it is the wall time between synchronisations. The max-norm pass is also
+timed on its own (it runs after the optimizer step, outside forward and backward).
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ class Setting:
                                    torch.Generator().manual_seed(1))
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def step(self) -> None:
+    def step(self, clock) -> float:
+        """One step; -> the max-norm pass's seconds (0 without it)."""
         b = self.batch
         window = self.dropout.micro_batch(self.noise) if self.dropout else nullcontext()
         with window:
@@ -80,10 +87,14 @@ class Setting:
                                            b["time_ids"], self.noise)
             loss.backward()
         self.optimizer.step(loss=loss.item())  # the loop's host sync: the loss is read every step
+        spent = 0.0
         if self.factors:
             from emotrain.lora import maxnorm
+            start = clock()
             maxnorm.apply(self.factors, self.cfg.scale_weight_norms)
+            spent = clock() - start
         self.optimizer.zero_grad(set_to_none=True)
+        return spent
 
 
 def main() -> None:
@@ -101,28 +112,39 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     settings = {name: Setting(changes, args) for name, changes in SETTINGS.items()}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def clock() -> float:
+        sync()
+        return time.perf_counter() if cuda else time.thread_time()
+
     times: dict[str, list[float]] = {name: [] for name in settings}
+    max_norm_pass: list[float] = []
     for round_ in range(args.rounds + 1):  # round 0 warms up (allocator, caches) and is not counted
         order = list(settings) if round_ % 2 else list(reversed(settings))  # alternating order
         for name in order:
             setting = settings[name]
-            sync()
-            start = time.perf_counter()
+            start, passes = clock(), 0.0
             for _ in range(args.steps):
-                setting.step()
-            sync()
+                passes += setting.step(clock)
             if round_:
-                times[name].append((time.perf_counter() - start) / args.steps)
+                times[name].append((clock() - start) / args.steps)
+                if setting.factors:
+                    max_norm_pass.append(passes / args.steps)
     plain = statistics.median(times["plain"])
     print(f"device {args.device}, {args.mixed_precision}, {args.resolution} px, batch {args.batch_size}, rank "
-          f"{args.rank}; {args.rounds} rounds x {args.steps} steps per setting; median s/step (min-max of rounds)")
+          f"{args.rank}; {args.rounds} rounds x {args.steps} steps per setting; median "
+          f"{'wall' if cuda else 'CPU'} time per step (min-max of rounds)")
     print(f"| setting | s/step | range | cost vs plain |")
     print("|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         cost = "-" if name == "plain" else f"{100 * (median - plain) / plain:+.1f}%"
         print(f"| {name} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} ms | {cost} |")
+    if max_norm_pass:
+        alone = statistics.median(max_norm_pass)
+        print(f"max-norm pass alone: {alone * 1e3:.2f} ms per step = {100 * alone / plain:.1f}% of the plain step")
 
 
 if __name__ == "__main__":

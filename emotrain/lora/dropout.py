@@ -12,7 +12,9 @@ For a layer ``y = W x + s * B(A(x))`` (``A`` the down projection, ``B`` the up o
   (one mask of shape (batch, rank), shared by every position of the sample); the scale
   becomes ``s / (1-p)``, as if the rank had shrunk.
 
-Network dropout comes first, then the rank mask, as in sd-scripts. Validation, samples,
+Network dropout comes first, then the rank mask, as in sd-scripts; both masks hold 0 and 1
+and their ``1/(1-p)`` factors are applied once, to the scale (the same product, fewer
+operations on the activation). Validation, samples,
 ``emotrain vram`` and every forward outside ``Dropout.micro_batch`` see the plain LoRA.
 
 The draws come from the run's noise generator, never the global RNG: at each micro-batch
@@ -77,14 +79,14 @@ class Dropout:
         if cached is not None and cached[0] == self.token and cached[1] == h.shape:
             return cached[2:]
         skip = bool(self._skips[layer.emotrain_dropout_index]) if self._skips is not None else False
-        keep_h = keep_rank = None
+        keep_h = keep_rank = None  # 1 where kept, 0 where dropped; the 1/(1-p) goes into the scale
         generator = self._generator(h.device, 2)
         if self.network:
-            keep_h = (torch.rand(h.shape, generator=generator, device=h.device) >= self.network).to(h.dtype)
-            keep_h.mul_(1 / (1 - self.network))
+            keep_h = torch.empty_like(h).bernoulli_(1 - self.network, generator=generator)
         if self.rank:
             batch, rank = h.shape[0], h.shape[1] if conv else h.shape[-1]
-            keep = (torch.rand((batch, rank), generator=generator, device=h.device) > self.rank).to(h.dtype)
+            keep = torch.empty((batch, rank), dtype=h.dtype, device=h.device).bernoulli_(1 - self.rank,
+                                                                                          generator=generator)
             keep_rank = keep.view(batch, rank, *[1] * (h.dim() - 2)) if conv \
                 else keep.view(batch, *[1] * (h.dim() - 2), rank)
         setattr(layer, MASKS, (self.token, h.shape, skip, keep_h, keep_rank))
@@ -114,11 +116,13 @@ class _WithDropout:
         _, keep_h, keep_rank = drop.masks(self, h, isinstance(self, peft_layer.Conv2d))
         if keep_h is not None:
             h = h * keep_h
-        scale = self.scaling[name]
         if keep_rank is not None:
             h = h * keep_rank
-            scale = scale / (1 - drop.rank)
-        return result + (up(h) * scale).to(result.dtype)
+        scale = self.scaling[name] / ((1 - drop.network) * (1 - drop.rank))  # dropout's and rank dropout's
+        lora = up(h)
+        if lora.dtype == result.dtype:
+            return torch.add(result, lora, alpha=scale)
+        return result + (lora * scale).to(result.dtype)
 
 
 _CLASSES: dict[type, type] = {}
