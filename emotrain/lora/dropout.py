@@ -39,7 +39,7 @@ from peft.tuners.lora import layer as peft_layer
 
 from ..errors import UserError
 
-MASKS = "_emotrain_dropout_masks"  # the layer attribute holding (token, shape, skip, h mask, rank mask)
+MASKS = "_emotrain_dropout_masks"  # the layer attribute holding (token, shape, h mask, rank mask)
 
 
 class Dropout:
@@ -73,12 +73,15 @@ class Dropout:
             self._generators[key] = torch.Generator(device).manual_seed((self._seed + 7919 * stream) % 2**63)
         return self._generators[key]
 
+    def skipped(self, index: int) -> bool:
+        """Whether module dropout leaves the ``index``-th layer out of this micro-batch."""
+        return self._skips is not None and self._skips[index]
+
     def masks(self, layer, h: torch.Tensor, conv: bool) -> tuple:
-        """(skip, h mask or None, rank mask or None) of ``layer`` in this micro-batch."""
+        """(h mask or None, rank mask or None) of ``layer`` in this micro-batch."""
         cached = getattr(layer, MASKS, None)
         if cached is not None and cached[0] == self.token and cached[1] == h.shape:
             return cached[2:]
-        skip = bool(self._skips[layer.emotrain_dropout_index]) if self._skips is not None else False
         keep_h = keep_rank = None  # 1 where kept, 0 where dropped; the 1/(1-p) goes into the scale
         generator = self._generator(h.device, 2)
         if self.network:
@@ -89,8 +92,8 @@ class Dropout:
                                                                                           generator=generator)
             keep_rank = keep.view(batch, rank, *[1] * (h.dim() - 2)) if conv \
                 else keep.view(batch, *[1] * (h.dim() - 2), rank)
-        setattr(layer, MASKS, (self.token, h.shape, skip, keep_h, keep_rank))
-        return skip, keep_h, keep_rank
+        setattr(layer, MASKS, (self.token, h.shape, keep_h, keep_rank))
+        return keep_h, keep_rank
 
 
 class _WithDropout:
@@ -104,7 +107,7 @@ class _WithDropout:
         drop = self.emotrain_dropout
         if drop.token is None or args or kwargs or self.disable_adapters or self.merged:
             return super().forward(x, *args, **kwargs)
-        if drop._skips is not None and drop._skips[self.emotrain_dropout_index]:
+        if drop.skipped(self.emotrain_dropout_index):
             return self.base_layer(x)  # module dropout: the frozen layer alone
         if not (drop.network or drop.rank):
             return super().forward(x, *args, **kwargs)
@@ -113,7 +116,7 @@ class _WithDropout:
         result = self.base_layer(x)
         autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         h = down(x if autocast else x.to(down.weight.dtype))
-        _, keep_h, keep_rank = drop.masks(self, h, isinstance(self, peft_layer.Conv2d))
+        keep_h, keep_rank = drop.masks(self, h, isinstance(self, peft_layer.Conv2d))
         if keep_h is not None:
             h = h * keep_h
         if keep_rank is not None:

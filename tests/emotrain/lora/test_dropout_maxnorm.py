@@ -62,7 +62,7 @@ def test_network_dropout_drops_rank_neurons_scaled_by_1_over_1_minus_p():
     state = torch.random.get_rng_state()
     with drop.micro_batch(torch.Generator().manual_seed(5)):
         out = model.lin(x)
-        _, keep_h, _ = getattr(model.lin, dropout.MASKS)[2:]
+        keep_h, _ = getattr(model.lin, dropout.MASKS)[2:]
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is never drawn from
     assert keep_h.shape == (64, 10, RANK) and set(keep_h.unique().tolist()) == {0.0, 1.0}
     assert abs((keep_h == 0).float().mean().item() - p) < 0.05  # each neuron at each position
@@ -76,9 +76,9 @@ def test_rank_dropout_masks_ranks_per_sample_and_rescales():
     x = torch.randn(256, 7, 8)
     with drop.micro_batch(torch.Generator().manual_seed(6)):
         out = model.lin(x)
-        _, _, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
+        _, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
         conv_out = model.conv(torch.randn(4, 3, 6, 6))
-        conv_keep = getattr(model.conv, dropout.MASKS)[4]
+        conv_keep = getattr(model.conv, dropout.MASKS)[3]
     assert keep_rank.shape == (256, 1, RANK) and set(keep_rank.unique().tolist()) == {0.0, 1.0}
     assert abs((keep_rank == 0).float().mean().item() - p) < 0.06
     torch.testing.assert_close(out, by_hand(model.lin, x, keep_rank=keep_rank, rank_p=p))
@@ -152,7 +152,7 @@ def test_dropout_composes_with_the_fused_forward_under_autocast():
         assert torch.equal(model.lin(x), reference.lin(x))  # outside the window: the fused forward, unchanged
         with drop.micro_batch(torch.Generator().manual_seed(2)):
             out = model.lin(x)
-            _, keep_h, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
+            keep_h, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
     expected = by_hand(model.lin, x, keep_h.float() / 0.5, keep_rank.float(), rank_p=0.25)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
