@@ -19,6 +19,11 @@ shared machine the wall time of a step moved by 2x between rounds (other process
 taking the cores), far more than any option costs; CPU time counts only this process's
 work. On CUDA it is the wall time between synchronisations. The max-norm pass is also
 timed on its own (it runs after the optimizer step, outside forward and backward).
+
+Beside the times, a figure no load moves: the aten operations one step dispatches
+(``step_ops.OpCounter``, views left out), counted once per setting after the timing. The
+tiny model's step is made of small operations, so an option's share of them is close to
+its share of the time.
 """
 
 from __future__ import annotations
@@ -132,16 +137,25 @@ def main() -> None:
                 times[name].append((clock() - start) / args.steps)
                 if setting.factors:
                     max_norm_pass.append(passes / args.steps)
+    from step_ops import OpCounter
+
+    ops = {}
+    for name, setting in settings.items():
+        with OpCounter() as counter:
+            setting.step(clock)
+        ops[name] = counter.summary()["non_view"]
     plain = statistics.median(times["plain"])
     print(f"device {args.device}, {args.mixed_precision}, {args.resolution} px, batch {args.batch_size}, rank "
           f"{args.rank}; {args.rounds} rounds x {args.steps} steps per setting; median "
           f"{'wall' if cuda else 'CPU'} time per step (min-max of rounds)")
-    print(f"| setting | s/step | range | cost vs plain |")
-    print("|---|---|---|---|")
+    print("| setting | s/step | range | cost vs plain | ops per step (non-view) |")
+    print("|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         cost = "-" if name == "plain" else f"{100 * (median - plain) / plain:+.1f}%"
-        print(f"| {name} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} ms | {cost} |")
+        extra = "" if name == "plain" else f" ({100 * (ops[name] - ops['plain']) / ops['plain']:+.1f}%)"
+        print(f"| {name} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} ms | {cost} | "
+              f"{ops[name]}{extra} |")
     if max_norm_pass:
         alone = statistics.median(max_norm_pass)
         print(f"max-norm pass alone: {alone * 1e3:.2f} ms per step = {100 * alone / plain:.1f}% of the plain step")

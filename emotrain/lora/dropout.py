@@ -83,15 +83,13 @@ class Dropout:
         if cached is not None and cached[0] == self.token and cached[1] == h.shape:
             return cached[2:]
         keep_h = keep_rank = None  # 1 where kept, 0 where dropped; the 1/(1-p) goes into the scale
-        generator = self._generator(h.device, 2)
+        generator, shape = self._generator(h.device, 2), h.detach()  # bernoulli(p) takes the shape of its input
         if self.network:
-            keep_h = torch.empty_like(h).bernoulli_(1 - self.network, generator=generator)
-        if self.rank:
-            batch, rank = h.shape[0], h.shape[1] if conv else h.shape[-1]
-            keep = torch.empty((batch, rank), dtype=h.dtype, device=h.device).bernoulli_(1 - self.rank,
-                                                                                          generator=generator)
-            keep_rank = keep.view(batch, rank, *[1] * (h.dim() - 2)) if conv \
-                else keep.view(batch, *[1] * (h.dim() - 2), rank)
+            keep_h = torch.bernoulli(shape, 1 - self.network, generator=generator)
+        if self.rank:  # one draw per sample and rank: (batch, rank, 1, 1) of a conv, (batch, 1.., rank) else
+            every, first = slice(None), (slice(0, 1),) * (h.dim() - 2)  # the positions share the draw
+            per_rank = shape[(every, every, *first)] if conv else shape[(every, *first)]
+            keep_rank = torch.bernoulli(per_rank, 1 - self.rank, generator=generator)
         setattr(layer, MASKS, (self.token, h.shape, keep_h, keep_rank))
         return keep_h, keep_rank
 
