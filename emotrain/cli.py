@@ -34,10 +34,11 @@ class OneLineErrors(TyperGroup):
     """Command-line mistakes (a bad number, an unknown flag) end in one line and exit
     code 2, like every other input error, instead of click's usage box."""
 
-    def main(self, *args, **kwargs):
+    def main(self, args=None, *rest, **kwargs):
         kwargs["standalone_mode"] = False
+        args = spread_number_lists(list(sys.argv[1:] if args is None else args))
         try:
-            code = super().main(*args, **kwargs)
+            code = super().main(args, *rest, **kwargs)
         except click_exceptions.NoArgsIsHelpError as exc:
             typer.echo(exc.ctx.get_help())
             sys.exit(0)
@@ -51,6 +52,39 @@ class OneLineErrors(TyperGroup):
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def spread_number_lists(argv: list[str]) -> list[str]:
+    """``--text-encoder-lr 1e-4 2e-4`` read as ``--text-encoder-lr 1e-4 --text-encoder-lr
+    2e-4``: click has no options of a varying count of values, and ``sdxl-lora`` and
+    ``vram`` take no arguments of their own, so numbers after such an option's value can
+    only be its further values (too many are refused by the option's own check)."""
+    if not argv or argv[0] not in ("sdxl-lora", "vram"):
+        return argv
+    flags = {o.cli_name for o in OPTIONS if o.items}
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        out.append(token)
+        i += 1
+        flag, equals, _ = token.partition("=")
+        if flag not in flags or token == "--":
+            continue
+        if not equals and i < len(argv):
+            out.append(argv[i])
+            i += 1
+        while i < len(argv) and _is_number(argv[i]):
+            out += [flag, argv[i]]
+            i += 1
+    return out
 
 
 class GroupedHelp(TyperCommand):

@@ -122,6 +122,9 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
     if cfg.fp8_base and cfg.adapter == "dora":
         bad("fp8_base", "--adapter dora forms each layer's whole weight from the base weight, which --fp8-base keeps "
             "in float8: drop --fp8-base or use --adapter lora, loha or lokr")
+    for key in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms"):
+        if getattr(cfg, key) and cfg.adapter != "lora":  # defined on up/down factors (sd-scripts' LoRA)
+            bad(key, f"applies to --adapter lora only, not {cfg.adapter}: drop it or pass --adapter lora")
     if cfg.targets == "transformer" and cfg.conv_rank:
         bad("conv_rank", "--targets transformer has no convolutions: drop --conv-rank or use --targets full")
     try:

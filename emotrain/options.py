@@ -208,6 +208,17 @@ OPTIONS: tuple[Option, ...] = (
     _o("lokr_factor", int, -1, "LoKr: LyCORIS' factor splitting each dimension (-1: the pair nearest its square "
        "root); it must divide every adapted layer's channels.", "LoRA", minimum=-1, maximum=MAX_RANK, memory=True,
        hint="(-1, or a positive factor such as 4, 8 or 16)"),
+    _o("network_dropout", float, 0.0, "Dropout on each LoRA's down-projection output (its rank neurons), kept ones "
+       "scaled by 1/(1-p), training steps only (sd-scripts' --network_dropout); --adapter lora only.", "LoRA",
+       minimum=0, maximum=0.99),
+    _o("rank_dropout", float, 0.0, "Per sample, each rank of each LoRA dropped with this probability and the "
+       "LoRA's scale times 1/(1-p) (sd-scripts' rank_dropout); --adapter lora only.", "LoRA", minimum=0,
+       maximum=0.99),
+    _o("module_dropout", float, 0.0, "Each LoRA module left out of a training micro-batch with this probability "
+       "(sd-scripts' module_dropout); --adapter lora only.", "LoRA", minimum=0, maximum=0.99),
+    _o("scale_weight_norms", float, None, "Max-norm: after each step, each LoRA module whose delta (up @ down x "
+       "alpha/rank) has a Frobenius norm above this is scaled down to it (sd-scripts'; 1 is usual); the count "
+       "and the norms go to the logs; --adapter lora only.", "LoRA", nullable=True, positive=True),
     _o("lokr_full_matrix", bool, False, "LoKr: both Kronecker factors full matrices (LyCORIS' full_matrix; the "
        "rank then only names the file).", "LoRA", memory=True),
     # -- optimizer -----------------------------------------------------------------------
@@ -222,7 +233,7 @@ OPTIONS: tuple[Option, ...] = (
     _o("unet_lr", float, None, "Learning rate of the UNet's LoRA.", "Optimizer", nullable=True,
        default_text="--lr", positive=True, maximum=10),
     _o("text_encoder_lr", list, [], "Learning rate of the text encoders' LoRA: one value for both, or two (TE1 "
-       "then TE2: repeat the flag or quote them, \"1e-4 2e-4\"); needs --train-text-encoders.", "Optimizer",
+       "then TE2: --text-encoder-lr 1e-4 2e-4); needs --train-text-encoders.", "Optimizer",
        default_text="--lr", split=True, items=2, positive=True, maximum=10),
     _o("loraplus_ratio", float, None, "LoRA+: the up (B) matrices learn at lr x this ratio (sd-scripts' "
        "loraplus_lr_ratio; 16 is usual).", "Optimizer", nullable=True, positive=True, maximum=1000),

@@ -204,7 +204,7 @@ def summary_text(folders: list) -> str:
 
     table = Table(title="sweep: held-out validation loss (fixed noise and timesteps)")
     for col in ("run", "final val loss", "best val loss (step)", "train time", "optimizer state MB"):
-        table.add_column(col, justify="left" if col == "run" else "right")
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=col == "run")  # lrs on one line
     for folder in folders:
         row = load_run(folder).summary()
         best = "-" if row["best_val_loss"] is None else f"{row['best_val_loss']:.5g} ({row['best_val_step']})"

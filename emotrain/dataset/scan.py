@@ -187,6 +187,16 @@ def scan_datasets(specs: list[DatasetSpec], max_upscale: float = 2.0, folder_roo
     return Scanned(entries, specs, problems, _summary(entries, folders))
 
 
+def count_tags(counts: dict, captions) -> None:
+    """sd-scripts' tag frequency: each caption split on commas, each tag stripped and
+    lower-cased, empty ones left out (the caption as read: no prefix, suffix or shuffle)."""
+    for caption in captions:
+        for tag in caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+
+
 def _batch_checks(spec: DatasetSpec, entries: list[Entry], problems: Problems) -> None:
     if not entries:
         return

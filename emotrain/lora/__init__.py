@@ -7,6 +7,8 @@ how it is written to and read from files, and how several are stacked.
   an adapter on the meta device or with random weights.
 - ``fast``: the ``lora`` kind's forward under mixed precision: one autograd function per
   layer in the autocast dtype, fewer operations than peft's; fp32 runs keep peft's.
+- ``dropout``: sd-scripts' network, rank and module dropout on training micro-batches,
+  drawn from the run's generator; ``maxnorm``: sd-scripts' max-norm of each delta.
 - ``live``: reading a model's adapter out (saving) and putting a file's in (continuing).
 - ``weights``: ``LoraWeights``, the one shape every LoRA takes between a file and a model.
 - ``formats``: the file formats (kohya, diffusers), one registry for save, load,

@@ -8,6 +8,7 @@ LoRA for another model is refused before any weights load.
 
 from __future__ import annotations
 
+from ..errors import UserError
 from ..sdxl import store_fp8, unet_config
 from .formats import load_lora_file
 from .inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
@@ -21,6 +22,10 @@ def read_loras(cfg) -> tuple:
     from .stacking import load_weighted
     config = unet_config(cfg.model)
     start = load_lora_file(cfg.network_weights, config) if cfg.network_weights else None
+    asked = [k for k in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms") if getattr(cfg, k)]
+    if start is not None and asked and start.kind != "lora":  # the file's kind wins over --adapter
+        raise UserError(f"--{asked[0].replace('_', '-')} applies to plain LoRA only, and {cfg.network_weights} holds "
+                        f"{start.kind}: drop it or start from a LoRA file")
     if start is None and cfg.adapter == "lokr" and cfg.lokr_factor > 0:
         meta_sdxl(cfg)  # a factor that does not split a layer is refused here, before the weights load
     if start is not None:

@@ -26,7 +26,9 @@ from ..dataset.scan import scan_data
 from ..errors import InputLost, Interrupted, NonFiniteLoss, NonFiniteState, PeerLost, TrainingStopped, UserError
 from ..disk.layout import RunFolder
 from ..lora.formats import FORMATS
+from ..lora.dropout import install as install_dropout
 from ..lora.live import lora_weights_from_model
+from ..lora import maxnorm
 from ..lora.start import read_loras, setup_lora
 from ..loss import Objective, check_schedule
 from ..optimizers import (build_optimizer, check_optimizer, evaluation_point, lr_schedule, parse_optim_args,
@@ -64,6 +66,10 @@ class Run:
     history: dict | None = None  # the losses up to the checkpoint resumed from
     lost: InputLost | None = None  # an input file gone in this step (a multi-process run stops at its end)
     ema: object = None  # --ema-decay: the EMA of the LoRA (ema.py)
+    dropout: object = None  # lora/dropout.py's Dropout where --network/rank/module-dropout are on
+    max_norm: list | None = None  # the LoRA factors --scale-weight-norms scales (lora/maxnorm.py)
+    scalars: dict = field(default_factory=dict)  # the step's own figures for the logs (max-norm)
+    header: dict = field(default_factory=dict)  # the data's entries in the LoRA's header (record.py)
 
 
 def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stops: StopRequests) -> Run:
@@ -89,6 +95,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
         sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision), schedule=schedule)
         torch.manual_seed(cfg.seed)  # the LoRA's initial weights
         named_params = setup_lora(sdxl, cfg, loras)
+        trained = [sdxl.unet, *(sdxl.text_encoders if cfg.train_text_encoders else [])]
+        dropout = install_dropout(trained, cfg.network_dropout, cfg.rank_dropout, cfg.module_dropout)
         for module in (sdxl.unet, sdxl.vae, *sdxl.text_encoders):
             module.to(device)
     scanned.show(progress.console)
@@ -115,7 +123,9 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     run = Run(cfg, accelerator, sdxl, models, named_params, data, optimizer, lr_scheduler,
               Batches(data.keys, data.batch_sizes, cfg.seed, rank=rank, world=world),
               torch.Generator().manual_seed(processes.noise_seed(cfg.seed, rank)), stops,
-              processes.Trace(cfg.output, rank), watch, Objective.of(cfg))
+              processes.Trace(cfg.output, rank), watch, Objective.of(cfg), dropout=dropout,
+              max_norm=maxnorm.lora_factors(trained) if cfg.scale_weight_norms else None,
+              header=records.dataset_metadata(scanned))
     run.ema = ema_for_run(cfg, named_params, optimizer.optimizer, device)  # from the starting weights
     folder = RunFolder(cfg.output)
     run.info = {"model_source": sdxl.source, "versions": records.versions(), "examples": len(data.entries),
@@ -194,6 +204,8 @@ def optimizer_step(run: Run) -> float:
                     for model in run.models:
                         context.enter_context(accelerator.no_sync(model))
                 context.enter_context(accelerator.autocast())
+                if run.dropout is not None:  # masks drawn from run.noise, kept through the backward
+                    context.enter_context(run.dropout.micro_batch(run.noise))
                 loss = micro_batch_loss(run)
                 accelerator.backward(loss / cfg.grad_accum)
             losses.append(loss.detach())
@@ -210,6 +222,8 @@ def optimizer_step(run: Run) -> float:
     run.watch.before_update(run, norm)
     # Through accelerate (and its GradScaler) only a closure reaches the optimizer.
     run.optimizer.step(lambda: step_loss)
+    if run.max_norm:
+        run.scalars = maxnorm.apply(run.max_norm, cfg.scale_weight_norms)
     if not accelerator.optimizer_step_was_skipped:
         run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -328,8 +342,9 @@ def save_lora(run: Run, output: Path) -> dict:
     text_encoders = [run.accelerator.unwrap_model(te) for te in run.models[1:]] or None
     with evaluation_point(run.optimizer.optimizer):
         weights = lora_weights_from_model(sdxl.unet, text_encoders)
-    metadata = records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
-                                         cfg.part_lrs)
+    metadata = {**records.training_metadata(cfg, run.step, run.info["started_at"], sdxl.noise_scheduler.config,
+                                            cfg.part_lrs), **run.header, **records.modelspec(cfg, time.time()),
+                "ss_epoch": str(run.batches.epoch + 1)}  # the epoch the last step drew from (1-based)
     folder = RunFolder(output)
     files = {name: folder.relative(fmt.write(output / fmt.file_name, weights, metadata, unet_config=sdxl.unet.config))
              for name, fmt in FORMATS.items() if fmt.accepts(weights)}  # no diffusers twin for LoHa/LoKr

@@ -76,6 +76,42 @@ def memory_report(device, optimizer, lora_params, frozen_modules) -> dict:
     return report
 
 
+def dataset_metadata(scanned) -> dict:
+    """sd-scripts' header entries about the data, from the draws of an epoch (the images
+    trained on; --val-split's are not): per folder (by name, as sd-scripts keys them) its
+    repeats and image count (``ss_dataset_dirs``, ``ss_reg_dataset_dirs``) and the tag counts
+    of its captions (``ss_tag_frequency``), and the images times their repeats
+    (``ss_num_train_images``, ``ss_num_reg_images``); and the training resolution as
+    modelspec writes it (WIDTHxHEIGHT, of the first dataset)."""
+    from ..dataset.scan import count_tags
+
+    examples = {}
+    for entry in scanned.entries:
+        examples.setdefault(entry.example.subset, {})[entry.example.image] = entry.example.caption
+    dirs, reg_dirs, tags, counts = {}, {}, {}, {False: 0, True: 0}
+    for subset, captions in examples.items():
+        table = reg_dirs if subset.is_reg else dirs
+        seen = table.setdefault(subset.name, {"n_repeats": subset.num_repeats, "img_count": 0})
+        seen["img_count"] += len(captions)
+        count_tags(tags.setdefault(subset.name, {}), captions.values())
+        counts[subset.is_reg] += len(captions) * subset.num_repeats
+    return {"ss_dataset_dirs": json.dumps(dirs), "ss_reg_dataset_dirs": json.dumps(reg_dirs),
+            "ss_tag_frequency": json.dumps(tags), "ss_num_train_images": str(counts[False]),
+            "ss_num_reg_images": str(counts[True]),
+            "modelspec.resolution": "{}x{}".format(*scanned.specs[0].resolution)}
+
+
+def modelspec(cfg, when: float) -> dict:
+    """The modelspec entries sd-scripts writes beside the architecture and the resolution
+    (ModelSpec 1.0.1): the title (the output's name), the date the file was written (local
+    ISO-8601, to the second, as sd-scripts) and what made it."""
+    import datetime
+
+    return {"modelspec.title": Path(cfg.output).name or "LoRA",
+            "modelspec.date": datetime.datetime.fromtimestamp(int(when)).isoformat(),
+            "modelspec.implementation_version": f"emotrain/{versions().get('emotrain') or 'unknown'}"}
+
+
 def training_metadata(cfg, steps: int, started_at: float, schedule=None, lrs: dict | None = None) -> dict:
     """sd-scripts' ss_* training notes (what A1111/ComfyUI show about a LoRA), plus our
     whole config so a file says how it was made. LoRA files get shared: local files and
@@ -120,6 +156,10 @@ def training_metadata(cfg, steps: int, started_at: float, schedule=None, lrs: di
         "ss_multires_noise_iterations": str(cfg.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(cfg.multires_noise_discount),
         "ss_noise_offset_random_strength": str(cfg.noise_offset_random_strength),
+        "ss_network_dropout": str(cfg.network_dropout or None),  # sd-scripts': None when off
+        "ss_rank_dropout": str(cfg.rank_dropout or None),
+        "ss_module_dropout": str(cfg.module_dropout or None),
+        "ss_scale_weight_norms": str(cfg.scale_weight_norms),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "emotrain_version": versions().get("emotrain") or "",
         "emotrain_config": json.dumps(shareable(cfg.to_dict()), sort_keys=True),  # names, not paths

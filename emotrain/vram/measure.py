@@ -11,7 +11,7 @@ import torch
 
 from .. import sdxl
 from ..lora.inject import lora_config_for_run, random_lora_unet
-from ..loss import Objective
+from ..loss import Objective, check_schedule
 from ..optimizers import build_optimizer, parse_optim_args, takes_loss
 from ..precision import weight_dtype
 from .plan import network_lora_configs, parse_optims, plan, plan_rows, row_key, shadow_settings
@@ -58,6 +58,18 @@ def _random_batch(config, batch_size: int, resolution: int | None, device, gener
     return batch
 
 
+def measured_schedule(cfg, model: str):
+    """The prediction type and zero terminal SNR the run would train with: as training
+    reads them (``sdxl.model_schedule``: the model's own, the flags winning); ``sdxl``
+    (random weights, no model to read) from the flags alone."""
+    if model == "sdxl":
+        v = bool(cfg.v_parameterization or cfg.zero_terminal_snr or cfg.scale_v_pred_loss_like_noise_pred)
+        return sdxl.Schedule("v_prediction" if v else "epsilon", bool(cfg.zero_terminal_snr), ())
+    schedule = sdxl.model_schedule(sdxl.resolve_model(model), cfg.v_parameterization, cfg.zero_terminal_snr)
+    check_schedule(cfg, schedule)  # what training refuses (a v-pred-only option on an epsilon model) is refused here
+    return schedule
+
+
 def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = None, lr: float = 1e-4,
             progress=None) -> dict:
     """Run ``steps`` real training steps per optimizer on the UNet with the run's LoRA
@@ -79,6 +91,7 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
     model = cfg.model or "sdxl"
 
     planned = plan(cfg.replace(train_text_encoders=False), names, shadow)
+    schedule = measured_schedule(cfg, model)
     torch.manual_seed(cfg.seed)
     lora_config = network_lora_configs(cfg).get("unet") or lora_config_for_run(cfg)
     with progress.task("building the UNet") if progress else nullcontext():
@@ -92,9 +105,8 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
         if cfg.ema_decay else None
     generator = torch.Generator().manual_seed(cfg.seed)
     scheduler = DDPMScheduler.from_config(  # the tiny model shares it
-        sdxl.load_config("sdxl_scheduler"), rescale_betas_zero_snr=bool(cfg.zero_terminal_snr),
-        prediction_type="v_prediction" if cfg.v_parameterization or cfg.zero_terminal_snr
-        or cfg.scale_v_pred_loss_like_noise_pred else "epsilon")
+        sdxl.load_config("sdxl_scheduler"), rescale_betas_zero_snr=schedule.zero_terminal_snr,
+        prediction_type=schedule.prediction_type)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     args = parse_optim_args(cfg.optim_args)
     objective = Objective.of(cfg)
@@ -141,7 +153,8 @@ def measure(cfg, optims=None, shadow=None, steps: int = 3, device: str | None = 
             del opt
     return {"model": model, "device": str(device), "steps": steps, "rank": cfg.rank,
             "conv_rank": planned["conv_rank"], "targets": cfg.targets, "mixed_precision": cfg.mixed_precision,
-            "batch_size": cfg.batch_size, "resolution": cfg.resolution,
+            "batch_size": cfg.batch_size, "resolution": cfg.resolution, "prediction_type": schedule.prediction_type,
+            "zero_terminal_snr": schedule.zero_terminal_snr,
             "gradient_checkpointing": cfg.gradient_checkpointing, "lora_params": planned["lora_params"],
             # measure holds what a training step holds: the UNet, its LoRA, gradients, state
             "planned_train_step_bytes": {k: v["training_step_bytes"] for k, v in planned["optimizers"].items()},

@@ -122,7 +122,8 @@ def format_measure(m: dict) -> str:
     from rich.table import Table
 
     table = Table(title=f"Planned vs measured optimizer state: {m['model']} on {m['device']}, rank {m['rank']}, "
-                        f"{m['steps']} steps, {m['lora_params']:,} LoRA params",
+                        f"{m['steps']} steps, {m['lora_params']:,} LoRA params, "
+                        f"{m.get('prediction_type', 'epsilon')} target",
                   caption="bytes exact; MB = 10^6 bytes")
     cuda = any(r["cuda"] for r in m["optimizers"].values())
     cols = ["Optimizer", "Planned state B", "Measured state B", "Match", "Shadow buffer"]

@@ -45,8 +45,12 @@ def learning_rate(runs):
     prodigy = [runs[line["run"]].config.get("optim") == "prodigy" for line in free]
     what = [w for w, on in (("lr x (1 - |s|) for the Emo family", emo), ("d x lr for Prodigy", any(prodigy)),
                             ("the warm-up lr for schedule-free", not all(prodigy))) if on]
-    lines = _lines(runs, "train/lr", lw=1.5, named=True) + emo + free
-    return lines, f"solid: scheduled lr; dashed: effective step size, {'; '.join(what)}" if what else ""
+    groups = sorted({k for run in runs for r in run.metrics for k in r if k.startswith("train/lr/")})
+    parts = [line for key in groups for line in _lines(runs, key, lw=1.0, ls=":")]  # per-part lrs where they differ
+    lines = _lines(runs, "train/lr", lw=1.5, named=True) + emo + free + parts
+    notes = ([f"dashed: effective step size, {'; '.join(what)}"] if what else []) + \
+        ([f"dotted: each parameter group's lr ({', '.join(k[len('train/lr/'):] for k in groups)})"] if groups else [])
+    return lines, "; ".join(["solid: scheduled lr", *notes]) if notes else ""
 
 
 def emotion(runs):

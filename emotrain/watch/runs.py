@@ -21,6 +21,20 @@ VALIDATION_KEYS = {"data": "training data", "images_sha256": "validation images"
                    "objective": "loss definition (type, weighting, timestep range)"}
 
 
+def lr_text(cfg: dict) -> str:
+    """``lr 3e-4``, and each part's lr where the run gives one (--unet-lr, --text-encoder-lr:
+    TE1/TE2) and LoRA+'s ratio, as the optimizer's groups have them."""
+    lr = cfg.get("lr", 0)
+    parts = []
+    if cfg.get("unet_lr") is not None:
+        parts.append(f"unet {cfg['unet_lr']:g}")
+    if cfg.get("text_encoder_lr") and cfg.get("train_text_encoders"):
+        parts.append("te " + "/".join(f"{float(v):g}" for v in cfg["text_encoder_lr"]))
+    if cfg.get("loraplus_ratio"):
+        parts.append(f"LoRA+ x{cfg['loraplus_ratio']:g}")
+    return f"lr {lr:g}" + (f" ({', '.join(parts)})" if parts else "")
+
+
 @dataclass
 class RunView:
     folder: Path
@@ -40,7 +54,7 @@ class RunView:
             return self.folder.name
         name = DISPLAY.get(cfg.get("optim"), cfg.get("optim", "?"))
         shadow = " + shadow" if cfg.get("shadow") and cfg.get("optim") in ("emosens", "emoairy", "emocats") else ""
-        return f"{self.folder.name}: {name}{shadow}, lr {cfg.get('lr', 0):g}"
+        return f"{self.folder.name}: {name}{shadow}, {lr_text(cfg)}"
 
     def series(self, key: str) -> tuple[list, list]:
         rows = [(r["step"], r[key]) for r in self.metrics if r.get(key) is not None]

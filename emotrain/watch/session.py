@@ -102,7 +102,8 @@ class Watch:
         if self.main:
             self.smoothed = loss if self.smoothed is None else SMOOTHING * self.smoothed + (1 - SMOOTHING) * loss
             record = {"step": run.step, "time": self.train_time, "train/loss": loss,
-                      "train/loss_smoothed": self.smoothed, "train/lr": self._lr, **self._group_lrs}
+                      "train/loss_smoothed": self.smoothed, "train/lr": self._lr, **self._group_lrs,
+                      **getattr(run, "scalars", {})}  # the step's own figures (max-norm)
             record.update(logs.optimizer_scalars(run.optimizer.optimizer, counted=self._log_next))
             record.update(logs.lr_free_scalars(run.optimizer.optimizer, self._lr))
             if self._log_next:

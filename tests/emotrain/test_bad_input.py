@@ -327,6 +327,10 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--ema-on-cpu"],  # no EMA to keep: --ema-decay is 0
     ["--ema-for-eval"],
     ["--ema-decay", "0.99", "--optim", "adamw-schedulefree"],  # it averages its weights already
+    ["--adapter", "dora", "--network-dropout", "0.1"],  # dropout and max-norm: sd-scripts' LoRA's up/down only
+    ["--adapter", "loha", "--rank-dropout", "0.1"],
+    ["--adapter", "lokr", "--module-dropout", "0.1"],
+    ["--adapter", "dora", "--scale-weight-norms", "1"],
 ]
 
 

@@ -76,3 +76,21 @@ def incomplete(p, name: str, parts: str = "down or up") -> UserError:
 def unsupported(p, key: str) -> UserError:
     return UserError(f"LoRA file {p} is not a plain LoRA (key {key!r} belongs to LyCORIS/DoRA or another "
                      "network type): only LoRA/LoCon files are supported")
+
+
+def addnet_hashes(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, str]:
+    """``sshs_model_hash`` and ``sshs_legacy_hash`` as sd-scripts computes them
+    (library/train_util.py, ``precalculate_safetensors_hashes``) for sd-webui-additional-
+    networks and A1111: the tensors serialized with the ``ss_*`` header entries alone;
+    the model hash is the sha256 of what follows the header (the tensor data), the legacy
+    one the first 8 hex digits of the sha256 of the 0x10000 bytes at offset 0x100000
+    (of nothing, for a file shorter than that)."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()},
+                {k: v for k, v in header.items() if k.startswith("ss_")})
+    start = 8 + int.from_bytes(data[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(data[start:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}

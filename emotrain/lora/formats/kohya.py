@@ -83,7 +83,7 @@ def kohya_metadata(weights: LoraWeights) -> dict[str, str]:
         "ss_network_args": json.dumps(args),
         "ss_network_train_unet_only": str(not any(c != sdxl.UNET for c in weights.components)),
         "ss_network_train_text_encoder_only": str(sdxl.UNET not in weights.components),
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": "1.0.1",  # sd-scripts' (library/sai_model_spec.py)
         **sdxl.KOHYA_ARCHITECTURE,
     }
 
@@ -100,4 +100,6 @@ def write(path, weights: LoraWeights, metadata: dict | None = None, unet_config=
         tensors[f"{base}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
     header = {**common.stringify(header_passthrough(weights.metadata)), **kohya_metadata(weights),
               **common.stringify(metadata)}
+    header.setdefault("modelspec.title", Path(path).stem)  # the spec's one required name
+    header.update(common.addnet_hashes(tensors, header))  # over what is written, as sd-scripts
     return common.atomic_save(tensors, header, Path(path))

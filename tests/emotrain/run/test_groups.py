@@ -30,7 +30,7 @@ def test_groups_per_part_and_loraplus():
 
 def test_three_groups_in_the_checkpoint_and_the_metadata(tmp_path):
     out = tmp_path / "run"
-    result = train(out, "--unet-lr", "1e-3", "--text-encoder-lr", "1e-4 2e-4", "--train-text-encoders",
+    result = train(out, "--unet-lr", "1e-3", "--text-encoder-lr", "1e-4", "2e-4", "--train-text-encoders",
                    "--steps", "1", "--optim", "emosens")
     assert "lr 1.0e-03/1.0e-04/2.0e-04" in result.output
     state = torch.load(choose_checkpoint(out)[0] / "training_state.pt", weights_only=True)
@@ -43,7 +43,19 @@ def test_three_groups_in_the_checkpoint_and_the_metadata(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--text-encoder-lr", "1e-4"],
-                                  ["--train-text-encoders", "--text-encoder-lr", "1e-4 2e-4 3e-4"]])
+                                  ["--train-text-encoders", "--text-encoder-lr", "1e-4 2e-4 3e-4"],
+                                  ["--train-text-encoders", "--text-encoder-lr", "1e-4", "2e-4", "3e-4"]])
 def test_bad_text_encoder_lrs(tmp_path, args):
     result = run_cli("sdxl-lora", "--model", "tiny", "--data", "demo", "--output", tmp_path / "x", *args, expect=2)
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_two_text_encoder_lrs_unquoted_read_as_the_repeated_flag():
+    from emotrain.cli import spread_number_lists
+    repeated = ["sdxl-lora", "--text-encoder-lr", "1e-4", "--text-encoder-lr", "2e-4", "--lr", "3"]
+    assert spread_number_lists(["sdxl-lora", "--text-encoder-lr", "1e-4", "2e-4", "--lr", "3"]) == repeated
+    assert spread_number_lists(["sdxl-lora", "--text-encoder-lr=1e-4", "2e-4", "--lr", "3"])[2:4] == \
+        ["--text-encoder-lr", "2e-4"]
+    assert spread_number_lists(repeated) == repeated  # and the quoted and repeated forms stay as they are
+    assert spread_number_lists(["sdxl-lora", "--text-encoder-lr", "1e-4 2e-4"]) == ["sdxl-lora", "--text-encoder-lr",
+                                                                                     "1e-4 2e-4"]

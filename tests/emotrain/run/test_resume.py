@@ -161,3 +161,22 @@ def test_ema_resume_after_kill_9(tmp_path):
     for name in ("lora.safetensors", "lora-ema.safetensors"):
         a, b = load_file(tmp_path / "straight" / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after kill -9"
+
+
+def test_resume_is_bit_identical_with_dropout_and_max_norm(tmp_path):
+    """Dropout masks come from the run's generator and max-norm acts on the saved factors:
+    a stop and --resume replays both; the max-norm figures reach metrics.jsonl."""
+    common = ["--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1",
+              "--scale-weight-norms", "0.01", "--grad-accum", "2"]
+    train(tmp_path / "straight", *common, "--steps", "4")
+    train(tmp_path / "split", *common, "--steps", "2")
+    run_cli("sdxl-lora", "--resume", tmp_path / "split", "--steps", "4")
+    assert_identical(tmp_path / "straight", tmp_path / "split")
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] > 0]
+    assert len(steps) == 4 and all(r["max_norm/keys_scaled"] > 0 for r in steps)
+    assert all(r["max_norm/max_key_norm"] == pytest.approx(0.01, rel=1e-4) for r in steps)
+    assert all(r["max_norm/max_key_norm_before"] > 0.01 for r in steps)
+    plain = tmp_path / "plain"
+    train(plain, "--steps", "4", "--grad-accum", "2", "--scale-weight-norms", "0.01")
+    assert not torch.equal(*(next(iter(lora_tensors(d).values())) for d in (plain, tmp_path / "straight")))

@@ -11,6 +11,7 @@ import torch
 
 from emotrain import vram
 from emotrain.config import TrainConfig
+from emotrain.errors import UserError
 from emotrain.optimizers import EMO, NAMES, build_optimizer, takes_loss
 from optim import state_nbytes
 from emotrain.lora.inject import add_lora, unet_lora_config
@@ -266,3 +267,19 @@ def test_vram_plans_the_preset_run():
     wider = json.loads(run_cli("vram", "--preset", "emoairy", "--model", "tiny", "--resolution", "64", "--rank", "64",
                                "--optim", "all", "--both", "--json").output)
     assert wider["rank"] == 64 and len(wider["optimizers"]) == 12
+
+
+def test_measure_trains_the_models_own_prediction_type():
+    """As training does (sdxl.model_schedule): the model's scheduler config says v-prediction
+    without a flag; a flag still wins."""
+    def measured(model, **flags):
+        return vram.measure(TrainConfig(model=model, rank=4, resolution=32, seed=0, **flags), "adamw", "off", steps=1)
+
+    vpred = measured("tiny-vpred")
+    assert (vpred["prediction_type"], vpred["zero_terminal_snr"]) == ("v_prediction", True)  # as its config says
+    assert "v_prediction target" in vram.format_measure(vpred)
+    assert measured("tiny")["prediction_type"] == "epsilon"
+    flags = measured("tiny-vpred", v_parameterization=False, zero_terminal_snr=False)
+    assert (flags["prediction_type"], flags["zero_terminal_snr"]) == ("epsilon", False)
+    with pytest.raises(UserError, match="needs a v-prediction model"):  # as training refuses it
+        measured("tiny-vpred", v_parameterization=False)

@@ -160,3 +160,30 @@ def test_vram_plan_says_what_sampling_costs():
                      activations=False)
     assert kept["optimizers"]["emoairy"]["training_step_bytes"] == row["training_step_bytes"] + parked
     assert "--sample-keep-models keeps" in vram.format_table(kept)
+
+
+def test_sweep_and_report_name_each_parts_lr(tmp_path):
+    """A run with per-part lrs is labelled with them (the sweep's table and the report), and
+    the report's lr figure draws each group's logged lr."""
+    import json
+
+    from emotrain.commands.sweep import summary_text
+    from emotrain.watch.figures import learning_rate
+    from emotrain.watch.report import write_report
+    from emotrain.watch.runs import load_run
+
+    run = tmp_path / "parts"
+    run.mkdir()
+    config = {**TrainConfig(model="tiny").to_dict(), "lr": 3e-4, "unet_lr": 1e-3, "text_encoder_lr": ["1e-4", "2e-4"],
+              "train_text_encoders": True, "loraplus_ratio": 16.0}
+    (run / "run.json").write_text(json.dumps({"config": config, "status": "finished", "steps": 2}))
+    rows = [{"step": s, "time": float(s), "train/loss": 1.0, "train/loss_smoothed": 1.0, "train/lr": 1e-3,
+             "train/lr/unet": 1e-3, "train/lr/text_encoder": 1e-4, "train/lr/text_encoder_2": 2e-4} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    label = "lr 0.0003 (unet 0.001, te 0.0001/0.0002, LoRA+ x16)"
+    assert load_run(run).label == f"parts: EmoAiry, {label}"
+    assert label in summary_text([run])
+    lines, note = learning_rate([load_run(run)])
+    assert sorted(line["y"][0] for line in lines if line.get("ls") == ":") == [1e-4, 2e-4, 1e-3]
+    assert "dotted: each parameter group's lr (text_encoder, text_encoder_2, unet)" in note
+    assert label in write_report([run], tmp_path / "report.html").read_text()

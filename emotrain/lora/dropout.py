@@ -1,0 +1,164 @@
+"""LoRA dropout as sd-scripts defines it (networks/lora.py, ``LoRAModule.forward``), for
+the ``lora`` kind, on training micro-batches only.
+
+For a layer ``y = W x + s * B(A(x))`` (``A`` the down projection, ``B`` the up one,
+``s = alpha / rank``):
+
+- ``--module-dropout p``: with probability p the layer is ``W x`` alone for the micro-batch
+  (one draw per layer and micro-batch).
+- ``--network-dropout p``: ``h = A(x)`` is dropped element-wise (each of its rank neurons
+  at each position), the kept ones multiplied by ``1/(1-p)`` (``torch.nn.functional.dropout``).
+- ``--rank-dropout p``: per sample, each rank is kept where a uniform draw is above p
+  (one mask of shape (batch, rank), shared by every position of the sample); the scale
+  becomes ``s / (1-p)``, as if the rank had shrunk.
+
+Network dropout comes first, then the rank mask, as in sd-scripts; both masks hold 0 and 1
+and their ``1/(1-p)`` factors are applied once, to the scale (the same product, fewer
+operations on the activation). Validation, samples,
+``emotrain vram`` and every forward outside ``Dropout.micro_batch`` see the plain LoRA.
+
+The draws come from the run's noise generator, never the global RNG: at each micro-batch
+one seed is drawn from it, and every mask of the micro-batch comes from generators seeded
+from that draw (module choices on the CPU, masks on the layer's device). A checkpoint
+holds the generator's state, so a resumed run draws the same masks. A layer called again
+within the micro-batch with the same input shape (the recomputation of gradient
+checkpointing) reuses its masks.
+
+``install`` is called only when an option is above 0: without them no layer changes class
+and no operation is added. The layers keep their own forward (fast.py's or peft's) for
+everything the options leave alone: a module kept by module dropout, with neither other
+dropout on, runs it unchanged.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.lora import layer as peft_layer
+
+from ..errors import UserError
+
+MASKS = "_emotrain_dropout_masks"  # the layer attribute holding (token, shape, h mask, rank mask)
+
+
+class Dropout:
+    """The run's dropout settings and the state of the micro-batch being drawn."""
+
+    def __init__(self, network: float, rank: float, module: float, layers: list):
+        self.network, self.rank, self.module, self.layers = network, rank, module, layers
+        self.token = None  # set within a training micro-batch only
+        self._seed, self._count, self._generators, self._skips = 0, 0, {}, None
+
+    @contextmanager
+    def micro_batch(self, noise: torch.Generator):
+        """Dropout on for one micro-batch's forward and backward; its draws seeded from
+        ``noise`` (one draw)."""
+        self._seed = int(torch.randint(0, 2**62, (1,), generator=noise))
+        self._count += 1
+        self.token = self._count
+        self._generators = {}
+        self._skips = (torch.rand(len(self.layers), generator=self._generator(torch.device("cpu"), 1))
+                       < self.module).tolist() if self.module else None
+        try:
+            yield
+        finally:
+            self.token, self._skips = None, None
+            for layer in self.layers:
+                setattr(layer, MASKS, None)
+
+    def _generator(self, device: torch.device, stream: int) -> torch.Generator:
+        key = (str(device), stream)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device).manual_seed((self._seed + 7919 * stream) % 2**63)
+        return self._generators[key]
+
+    def skipped(self, index: int) -> bool:
+        """Whether module dropout leaves the ``index``-th layer out of this micro-batch."""
+        return self._skips is not None and self._skips[index]
+
+    def masks(self, layer, h: torch.Tensor, conv: bool) -> tuple:
+        """(h mask or None, rank mask or None) of ``layer`` in this micro-batch."""
+        cached = getattr(layer, MASKS, None)
+        if cached is not None and cached[0] == self.token and cached[1] == h.shape:
+            return cached[2:]
+        keep_h = keep_rank = None  # 1 where kept, 0 where dropped; the 1/(1-p) goes into the scale
+        generator, shape = self._generator(h.device, 2), h.detach()  # bernoulli(p) takes the shape of its input
+        if self.network:
+            keep_h = torch.bernoulli(shape, 1 - self.network, generator=generator)
+        if self.rank:  # one draw per sample and rank: (batch, rank, 1, 1) of a conv, (batch, 1.., rank) else
+            every, first = slice(None), (slice(0, 1),) * (h.dim() - 2)  # the positions share the draw
+            per_rank = shape[(every, every, *first)] if conv else shape[(every, *first)]
+            keep_rank = torch.bernoulli(per_rank, 1 - self.rank, generator=generator)
+        setattr(layer, MASKS, (self.token, h.shape, keep_h, keep_rank))
+        return keep_h, keep_rank
+
+
+class _WithDropout:
+    """Mixed in before a layer's own class: sd-scripts' dropout within a micro-batch."""
+
+    emotrain_dropout: Dropout
+    emotrain_dropout_index: int
+    emotrain_dropout_adapter: str
+
+    def forward(self, x, *args, **kwargs):
+        drop = self.emotrain_dropout
+        if drop.token is None or args or kwargs or self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        if drop.skipped(self.emotrain_dropout_index):
+            return self.base_layer(x)  # module dropout: the frozen layer alone
+        if not (drop.network or drop.rank):
+            return super().forward(x, *args, **kwargs)
+        name = self.emotrain_dropout_adapter
+        down, up = self.lora_A[name], self.lora_B[name]
+        result = self.base_layer(x)
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        h = down(x if autocast else x.to(down.weight.dtype))
+        keep_h, keep_rank = drop.masks(self, h, isinstance(self, peft_layer.Conv2d))
+        if keep_h is not None:
+            h = h * keep_h
+        if keep_rank is not None:
+            h = h * keep_rank
+        scale = self.scaling[name] / ((1 - drop.network) * (1 - drop.rank))  # dropout's and rank dropout's
+        lora = up(h)
+        if lora.dtype == result.dtype:
+            return torch.add(result, lora, alpha=scale)
+        return result + (lora * scale).to(result.dtype)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _with_dropout(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Dropout{cls.__name__}", (_WithDropout, cls), {})
+    return _CLASSES[cls]
+
+
+def _plain_lora(layer) -> str | None:
+    """The adapter name of a plain LoRA layer (one adapter, no variant such as DoRA)."""
+    if not isinstance(layer, (peft_layer.Linear, peft_layer.Conv2d)) or len(layer.lora_A) != 1:
+        return None
+    return None if layer.lora_variant else next(iter(layer.lora_A))
+
+
+def install(models: list, network: float, rank: float, module: float) -> Dropout | None:
+    """Dropout on every LoRA layer of ``models``; None (and nothing changed) when all
+    three probabilities are 0. Any adapter other than plain LoRA is refused."""
+    if not (network or rank or module):
+        return None
+    layers = []
+    for model in models:
+        for layer in model.modules():
+            if isinstance(layer, peft_layer.LoraLayer) and hasattr(layer, "base_layer"):
+                name = _plain_lora(layer)
+                if name is None:
+                    raise UserError(f"--network-dropout, --rank-dropout and --module-dropout apply to plain LoRA "
+                                    f"layers only, and {type(layer).__name__} is not one: drop them")
+                layer.__class__ = _with_dropout(type(layer))
+                layer.emotrain_dropout_adapter, layer.emotrain_dropout_index = name, len(layers)
+                layers.append(layer)
+    drop = Dropout(network, rank, module, layers)
+    for layer in layers:
+        layer.emotrain_dropout = drop
+    return drop
