@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -46,15 +48,35 @@ def is_view(func) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
+    """Counts aten ops, each also under where it came from: ``phase`` (forward, backward,
+    or recompute: a module's forward run again inside the backward by checkpointing) and
+    ``source`` (lora: inside emotrain's fused LoRA functions, their layer's own base
+    product included; shadows: the once-per-step copies of the factors; unet: the rest,
+    peft's own LoRA forward included where it runs)."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
+        self.where = collections.Counter()  # (phase, source, non_view) -> ops
+        self.phase, self.source, self.depth = "forward", "unet", 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace != "aten":  # FakeTensor's own queries (prim.device), no kernel
             return func(*args, **(kwargs or {}))
-        self.ops[func.overloadpacket.__name__ + ("" if not is_view(func) else " (view)")] += 1
+        view = is_view(func)
+        self.ops[func.overloadpacket.__name__ + ("" if not view else " (view)")] += 1
+        phase = "recompute" if self.phase == "backward" and self.depth else self.phase
+        self.where[(phase, self.source, not view, func.overloadpacket.__name__ == "_to_copy")] += 1
         return func(*args, **(kwargs or {}))
+
+    def breakdown(self) -> dict:
+        """(phase, source) -> (non-view ops, casts)."""
+        out = collections.defaultdict(lambda: [0, 0])
+        for (phase, source, non_view, cast), n in self.where.items():
+            if non_view:
+                out[(phase, source)][0] += n
+                out[(phase, source)][1] += n if cast else 0
+        return dict(out)
 
     def summary(self) -> dict:
         non_view = {k: v for k, v in self.ops.items() if not k.endswith("(view)")}
@@ -62,7 +84,50 @@ class OpCounter(TorchDispatchMode):
                 "_to_copy": non_view.get("_to_copy", 0),
                 "matmul": sum(non_view.get(k, 0) for k in ("mm", "addmm", "bmm", "baddbmm")),
                 "mul": non_view.get("mul", 0), "add": non_view.get("add", 0),
-                "top": sorted(non_view.items(), key=lambda kv: -kv[1])[:8]}
+                "top": sorted(non_view.items(), key=lambda kv: -kv[1])[:8], "where": self.breakdown()}
+
+
+@contextlib.contextmanager
+def attributed(counter: OpCounter):
+    """Tags ``counter``'s ops with their source and phase (see OpCounter) for the span."""
+    from emotrain.lora import fast
+
+    def tagged(fn, source):
+        def run(*args, **kwargs):
+            before, counter.source = counter.source, source
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.source = before
+        return run
+
+    saved = [(cls, name, cls.__dict__[name]) for cls in (fast._LinearLora, fast._ConvLora)
+             for name in ("forward", "backward")] + [(fast.Shadows, "refresh", fast.Shadows.refresh)]
+    for cls, name, fn in saved:
+        inner = fn.__func__ if isinstance(fn, staticmethod) else fn
+        wrapped = tagged(inner, "shadows" if cls is fast.Shadows else "lora")
+        setattr(cls, name, staticmethod(wrapped) if isinstance(fn, staticmethod) else wrapped)
+
+    stack = []
+
+    def pre(module, args):  # a module's own ops are the UNet's (a checkpoint's recompute runs
+        counter.depth += 1  # inside a LoRA function's backward, when it unpacks its inputs)
+        stack.append(counter.source)
+        counter.source = "unet"
+
+    def post(module, args, out):
+        counter.depth -= 1
+        counter.source = stack.pop()
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+             torch.nn.modules.module.register_module_forward_hook(post, always_call=True)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
 
 
 def fake_cpu(module: torch.nn.Module, mode) -> None:
@@ -92,17 +157,21 @@ def training_loss(unet, resolution: int, dtype, cross: int):
 
 
 def sdxl_step_ops(targets: str, checkpointing: bool, peft: bool = False, rank: int = 32, conv_rank: int = 8,
-                  resolution: int = 1024) -> dict:
-    """The op counts of one training forward+backward on SDXL 1.0's UNet (fake tensors)."""
+                  resolution: int = 1024, adapter: str = "lora", cuda_products: bool = False) -> dict:
+    """The op counts of one training forward+backward on SDXL 1.0's UNet (fake tensors).
+    ``cuda_products``: the LoRA functions take CUDA's route for the factors' fp32
+    gradients (one product with ``out_dtype``, emotrain.lora.fast._fp32_product) where the
+    CPU's is a product and a cast; the rest of the count is unchanged."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from emotrain import sdxl
+    from emotrain.lora import fast
     from emotrain.lora.inject import add_lora, unet_lora_config
 
     bf16 = torch.bfloat16
     unet = sdxl.meta_unet(sdxl.load_config("sdxl_unet")).to(bf16)
     with torch.device("meta"):
-        add_lora(unet, unet_lora_config(rank, rank / 2, conv_rank, conv_rank / 2, targets), fast=not peft)
+        add_lora(unet, unet_lora_config(rank, rank / 2, conv_rank, conv_rank / 2, targets, adapter), fast=not peft)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_cpu(unet, mode)
     with mode:
@@ -110,9 +179,10 @@ def sdxl_step_ops(targets: str, checkpointing: bool, peft: bool = False, rank: i
             unet.enable_gradient_checkpointing()
         unet.train()
         counter = OpCounter()
-        with counter:
+        with attributed(counter), counter, mock.patch.dict(fast._OUT_DTYPE, {"cpu": cuda_products}):
             with torch.autocast("cpu", dtype=bf16):
                 loss = training_loss(unet, resolution, bf16, 2048)
+            counter.phase = "backward"
             loss.backward()
     lora_layers = sum(1 for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
     return {**counter.summary(), "layers": lora_layers}
@@ -152,6 +222,12 @@ def main() -> None:
     ap.add_argument("--peft", action="store_true", help="count peft's own LoRA forward")
     ap.add_argument("--cpu-steps", type=int, default=0, help="also time N tiny-model steps per round")
     ap.add_argument("--no-sdxl", action="store_true", help="only the tiny model's CPU time")
+    ap.add_argument("--adapter", default="lora", help="adapter kinds, comma-separated (lora,dora,loha,lokr)")
+    ap.add_argument("--targets", default="full,transformer", help="comma-separated")
+    ap.add_argument("--checkpointing", default="on,off", help="on, off or both (comma-separated)")
+    ap.add_argument("--cuda-products", action="store_true",
+                    help="the LoRA gradients' products as CUDA runs them (fp32 out_dtype, no cast)")
+    ap.add_argument("--breakdown", action="store_true", help="also the ops by phase and source")
     args = ap.parse_args()
     if args.cpu_steps:
         t = cpu_step_seconds(args.cpu_steps)
@@ -159,18 +235,27 @@ def main() -> None:
               f"emotrain {t['emotrain'] * 1000:.1f} ms per forward+backward (median)", flush=True)
     if args.no_sdxl:
         return
-    print("| forward | kind | targets | checkpointing | LoRA layers | aten ops | non-view | _to_copy | "
+    print("| forward | products | kind | targets | checkpointing | LoRA layers | aten ops | non-view | _to_copy | "
           "mm+addmm+bmm | mul | add | top non-view ops |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
-    for kind in ("lora",):
-        for targets in ("full", "transformer"):
-            for ckpt in (True, False):
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for kind in args.adapter.split(","):
+        for targets in args.targets.split(","):
+            for ckpt in args.checkpointing.split(","):
                 started = time.perf_counter()
-                s = sdxl_step_ops(targets, ckpt, args.peft)
+                try:
+                    s = sdxl_step_ops(targets, ckpt == "on", args.peft, adapter=kind, cuda_products=args.cuda_products)
+                except Exception as e:  # noqa: BLE001 - a kind whose forward cannot run on fake tensors
+                    print(f"| {kind} | {targets} | {ckpt} | not countable on fake tensors: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]} |", flush=True)
+                    continue
                 top = ", ".join(f"{k} {v:,}" for k, v in s["top"])
-                print(f"| {'peft' if args.peft else 'emotrain'} | {kind} | {targets} | {'on' if ckpt else 'off'} | "
-                      f"{s['layers']} | {s['all']:,} | {s['non_view']:,} | {s['_to_copy']:,} | {s['matmul']:,} | "
-                      f"{s['mul']:,} | {s['add']:,} | {top} |  ({time.perf_counter() - started:.0f} s)", flush=True)
+                print(f"| {'peft' if args.peft or kind != 'lora' else 'emotrain'} | {'cuda' if args.cuda_products else 'cpu'} | {kind} | {targets} | "
+                      f"{ckpt} | {s['layers']} | {s['all']:,} | {s['non_view']:,} | {s['_to_copy']:,} | "
+                      f"{s['matmul']:,} | {s['mul']:,} | {s['add']:,} | {top} |  ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+                if args.breakdown:
+                    for (phase, source), (n, casts) in sorted(s["where"].items()):
+                        print(f"|   | {phase} | {source} | non-view {n:,} | casts {casts:,} |", flush=True)
 
 
 if __name__ == "__main__":

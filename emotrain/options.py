@@ -267,6 +267,9 @@ OPTIONS: tuple[Option, ...] = (
        "Precision and memory", choices=PRECISIONS, memory=True),
     _o("gradient_checkpointing", bool, False, "Recompute activations in the backward pass: less memory, slower.",
        "Precision and memory", memory=True),
+    _o("compile", bool, False, "torch.compile the UNet's repeated blocks (regional: the first step compiles for "
+       "seconds to minutes, later steps run the compiled kernels); the loss agrees with eager's to float rounding.",
+       "Precision and memory"),
     # -- checkpoints ---------------------------------------------------------------------
     _o("save_every", int, 0, "Write a checkpoint every N optimizer steps (0: only at the end).", "Checkpoints",
        minimum=0, maximum=MAX_COUNT, resumable=True),

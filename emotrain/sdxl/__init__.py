@@ -5,7 +5,7 @@ architecture); this package is where that knowledge lives, so the rest of emotra
 reaches it only through the names imported here, never this package's modules: loading
 (``load_sdxl``, ``load_pipeline``, ``resolve_model``), which layers take an adapter
 (``unet_targets``, ``layer_kind``...), conditioning (``encode_*``, ``time_ids``) and the
-UNet's call (``predict``), the builds without weights (``meta_parts``, ``random_unet``...),
+UNet's call (``predict``, ``compile_blocks``), the builds without weights (``meta_parts``, ``random_unet``...),
 and the module names of LoRA files (kohya, SGM, diffusers). It is not a plug-in seam for
 other families: a second family would first need one here.
 """
@@ -23,3 +23,4 @@ from .keys import (
     flat_names, kohya_name, module_from_kohya, name_from_model, peft_target, processor_module, unflatten,
 )
 from .parts import base_weight, component_models
+from .regions import check_compiler, compile_blocks, repeated_blocks

@@ -74,9 +74,6 @@ def test_checkpointing_recomputes_the_same():
     (l0, g0), (l1, g1) = (loss_and_grads(unet(True, BF16, ckpt), BF16, True) for ckpt in (False, True))
     assert torch.equal(l0, l1)
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
-    model = unet(True, BF16, True)
-    loss_and_grads(model, BF16, True)
-    assert all(getattr(m, fast.CACHE, None) is None for m in model.modules())  # the casts are released
 
 
 class Ops(TorchDispatchMode):
