@@ -98,30 +98,22 @@ class Shadows:
 _OUT_DTYPE = {"cuda": True}  # whether the device's matrix product writes fp32 from bf16 (checked on first use)
 
 
-def _fp32_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def _fp32_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0, master: torch.Tensor | None = None,
+                  low: torch.Tensor | None = None) -> torch.Tensor:
     """``alpha * m1 @ m2`` in float32 from low-precision factors: one ``mm``/``addmm`` with
-    ``out_dtype`` on CUDA (fp32 accumulation written as is), else the product and a cast."""
+    ``out_dtype`` on CUDA (fp32 accumulation written as is), else the product and a cast.
+    With ``alpha`` != 1, ``master`` and ``low`` are any tensors of the result's shape in
+    float32 and in the factors' dtype: ``addmm``'s input, which ``beta=0`` ignores."""
     if _OUT_DTYPE.get(m1.device.type):
         try:
             if alpha == 1.0:
                 return torch.mm(m1, m2, out_dtype=torch.float32)
-            return torch.addmm(_zero(m1.device), m1, m2, out_dtype=torch.float32, beta=0, alpha=alpha)
+            return torch.addmm(master, m1, m2, out_dtype=torch.float32, beta=0, alpha=alpha)
         except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE[m1.device.type] = False  # an older CUDA build: the cast below, from now on
+            _OUT_DTYPE[m1.device.type] = False  # a build without it: the product and a cast, from now on
     if alpha == 1.0:
         return torch.mm(m1, m2).float()
-    return torch.addmm(_zero(m1.device, m1.dtype), m1, m2, beta=0, alpha=alpha).float()
-
-
-_ZEROS: dict = {}
-
-
-def _zero(device, dtype=torch.float32) -> torch.Tensor:
-    """A 0-dim zero for ``addmm(..., beta=0)`` (its input is ignored), made once per device."""
-    key = (device, dtype)
-    if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros((), device=device, dtype=dtype)
-    return _ZEROS[key]
+    return torch.addmm(low, m1, m2, beta=0, alpha=alpha).float()
 
 
 class _LinearLora(torch.autograd.Function):
@@ -148,7 +140,7 @@ class _LinearLora(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gA = _fp32_product(gh.t(), x2)
         if ctx.needs_input_grad[2]:
-            gB = _fp32_product(g.t(), h, ctx.scale)
+            gB = _fp32_product(g.t(), h, ctx.scale, _factors(ctx.layer)[1], b)
         return gx, gA, gB, None, None, None, None
 
 

@@ -12,7 +12,8 @@ runs eagerly. Compiled kernels may sum in another order than eager ones: the los
 with eager's to float rounding, not bit for bit, and a compiled run resumed with
 ``--compile`` recompiles the same graphs, so its resume stays exact.
 
-``check_compiler(device)`` compiles and runs a two-operation function on ``device`` with
+``check_compiler(device)`` compiles and runs a two-operation function (a new constant each
+time, so that no cache of compiled code answers for the compiler) on ``device`` with
 the same backend first, before the model loads, so that a platform that cannot compile
 (no C compiler for the CPU's inductor, no triton for CUDA's) stops with one line instead
 of at the first step. The backend is inductor; ``EMOTRAIN_COMPILE_BACKEND`` names
@@ -23,6 +24,7 @@ generated, fast to build).
 from __future__ import annotations
 
 import os
+import time
 
 from ..errors import UserError
 
@@ -48,13 +50,14 @@ def compile_blocks(unet) -> int:
 
 
 def check_compiler(device) -> None:
-    """Compile and run ``x * 2 + 1`` on ``device``; UserError (one line) if it cannot."""
+    """Compile and run ``x * 2 + c`` on ``device``; UserError (one line) if it cannot."""
     import torch
 
     torch._dynamo.reset()
+    constant = float(time.time_ns() % 997)  # a new kernel each time: no compiled-code cache can answer for the compiler
     try:
-        out = torch.compile(lambda x: x * 2 + 1, backend=backend())(torch.ones(4, device=device))
-        ok = bool((out == 3).all())
+        out = torch.compile(lambda x: x * 2 + constant, backend=backend())(torch.ones(4, device=device))
+        ok = bool((out == 2 + constant).all())
     except Exception as e:  # noqa: BLE001 - any failure of the compiler toolchain is the same answer
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"--compile: torch.compile cannot compile on this machine ({type(e).__name__}: {reason}); "
