@@ -3,6 +3,7 @@
     python benchmarks/step_ops.py              # the table (about a minute on 2 cores)
     python benchmarks/step_ops.py --peft       # the same with peft's own LoRA forward
     python benchmarks/step_ops.py --cpu-steps 5 --no-sdxl  # the tiny model's CPU step only
+    python benchmarks/step_ops.py --cpu-steps 5 --no-sdxl --baseline OLD/emotrain/lora/fast.py  # and another version's
 
 Counts the aten operations dispatched (``TorchDispatchMode``) by one forward and backward
 of the training loss (``emotrain.loss.Objective``: noise, min-SNR 5) on SDXL 1.0's UNet
@@ -18,7 +19,13 @@ under both policies.
 "non-view" leaves out the operations that make no kernel (views, reshapes, detach,
 transposes, ``t``...); ``_to_copy`` is a dtype cast; ``mm``/``addmm`` the matrix
 products. ``--peft`` counts the forward peft itself runs (the ``lora`` kind before
-issue 20); without it, emotrain's (``emotrain.lora.fast``).
+issue 20); without it, emotrain's (``emotrain.lora.fast``). ``--adapter dora,loha,lokr``
+counts the other kinds (peft's forwards). ``--breakdown`` adds where the non-view ops come
+from: phase (forward, backward, recompute: checkpointing's second forward inside the
+backward) and source (lora: emotrain's fused functions, each layer's base product
+included; shadows: the factors' copies; unet: everything else). ``--cuda-products``
+counts the fp32 gradient products as CUDA runs them (one ``out_dtype`` product, no cast);
+without it, as the CPU does (a product and a cast).
 """
 
 from __future__ import annotations
@@ -188,30 +195,45 @@ def sdxl_step_ops(targets: str, checkpointing: bool, peft: bool = False, rank: i
     return {**counter.summary(), "layers": lora_layers}
 
 
-def cpu_step_seconds(steps: int, rounds: int = 3) -> dict:
+def cpu_step_seconds(steps: int, rounds: int = 3, baseline: str | None = None) -> dict:
     """Median seconds of one forward+backward of the tiny model (batch 1, 64 px, bf16 base,
-    fp32 LoRA rank 4 under bf16 autocast, checkpointing on) with peft's forward and with
-    emotrain's, interleaved round by round on one machine."""
+    fp32 LoRA rank 4 under bf16 autocast, checkpointing on) with peft's forward, with
+    emotrain's, and (``baseline``: the path of another version's emotrain/lora/fast.py)
+    with that one, interleaved round by round in one process. Each step ends with an
+    in-place write to every factor, as an optimizer step does (the copies are remade)."""
+    import importlib.util
+
     from diffusers import UNet2DConditionModel
     from emotrain.lora.inject import add_lora, unet_lora_config
+    from emotrain.lora.weights import ADAPTER
     from emotrain.sdxl.tiny import TINY_UNET
 
-    def build(fast: bool):
+    def build(install=None):
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(TINY_UNET).to(torch.bfloat16)
-        add_lora(unet, unet_lora_config(4, 4, 4, 4, "full"), fast=fast)
+        add_lora(unet, unet_lora_config(4, 4, 4, 4, "full"), fast=install is None)
+        if install not in (None, "peft"):
+            install(unet, ADAPTER)
         unet.enable_gradient_checkpointing()
         return unet.train()
 
-    models = {"peft": build(False), "emotrain": build(True)}
+    models = {"peft": build("peft"), "emotrain": build()}
+    if baseline:
+        spec = importlib.util.spec_from_file_location("baseline_fast", baseline)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        models["baseline"] = build(module.install)
     times = {k: [] for k in models}
     for _ in range(rounds):
         for name, unet in models.items():
+            params = [p for p in unet.parameters() if p.requires_grad]
             for _ in range(steps):
                 started = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = training_loss(unet, 64, torch.bfloat16, TINY_UNET["cross_attention_dim"])
                 loss.backward()
+                with torch.no_grad():
+                    torch._foreach_mul_(params, 1.0)  # the optimizer's in-place write
                 unet.zero_grad(set_to_none=True)
                 times[name].append(time.perf_counter() - started)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -222,17 +244,20 @@ def main() -> None:
     ap.add_argument("--peft", action="store_true", help="count peft's own LoRA forward")
     ap.add_argument("--cpu-steps", type=int, default=0, help="also time N tiny-model steps per round")
     ap.add_argument("--no-sdxl", action="store_true", help="only the tiny model's CPU time")
+    ap.add_argument("--baseline", help="another version's emotrain/lora/fast.py, timed beside (--cpu-steps)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --cpu-steps steps per forward")
     ap.add_argument("--adapter", default="lora", help="adapter kinds, comma-separated (lora,dora,loha,lokr)")
     ap.add_argument("--targets", default="full,transformer", help="comma-separated")
     ap.add_argument("--checkpointing", default="on,off", help="on, off or both (comma-separated)")
     ap.add_argument("--cuda-products", action="store_true",
                     help="the LoRA gradients' products as CUDA runs them (fp32 out_dtype, no cast)")
     ap.add_argument("--breakdown", action="store_true", help="also the ops by phase and source")
+    ap.add_argument("--resolution", type=int, default=1024, help="pixels (the counts barely depend on it)")
     args = ap.parse_args()
     if args.cpu_steps:
-        t = cpu_step_seconds(args.cpu_steps)
-        print(f"tiny model, CPU, bf16 autocast, checkpointing: peft {t['peft'] * 1000:.1f} ms, "
-              f"emotrain {t['emotrain'] * 1000:.1f} ms per forward+backward (median)", flush=True)
+        t = cpu_step_seconds(args.cpu_steps, args.rounds, args.baseline)
+        print("tiny model, CPU, bf16 autocast, checkpointing, ms per forward+backward (median of "
+              f"{args.cpu_steps * args.rounds}): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in t.items()), flush=True)
     if args.no_sdxl:
         return
     print("| forward | products | kind | targets | checkpointing | LoRA layers | aten ops | non-view | _to_copy | "
@@ -243,7 +268,8 @@ def main() -> None:
             for ckpt in args.checkpointing.split(","):
                 started = time.perf_counter()
                 try:
-                    s = sdxl_step_ops(targets, ckpt == "on", args.peft, adapter=kind, cuda_products=args.cuda_products)
+                    s = sdxl_step_ops(targets, ckpt == "on", args.peft, resolution=args.resolution, adapter=kind,
+                                      cuda_products=args.cuda_products)
                 except Exception as e:  # noqa: BLE001 - a kind whose forward cannot run on fake tensors
                     print(f"| {kind} | {targets} | {ckpt} | not countable on fake tensors: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]} |", flush=True)
