@@ -30,6 +30,7 @@ from ..errors import UserError
 
 REPEATED = ("BasicTransformerBlock", "ResnetBlock2D")  # diffusers' classes of the UNet's repeated blocks
 BACKEND_ENV = "EMOTRAIN_COMPILE_BACKEND"
+RECOMPILE_LIMIT = 64  # graphs per block class: its shapes, and a few more for buckets
 
 
 def backend() -> str:
@@ -42,7 +43,13 @@ def repeated_blocks(unet) -> list:
 
 
 def compile_blocks(unet) -> int:
-    """torch.compile each repeated block of ``unet`` in place; -> how many."""
+    """torch.compile each repeated block of ``unet`` in place; -> how many. The blocks of
+    one class share their code, compiled once per distinct shape (SDXL's resnets have a
+    dozen channel pairs): dynamo's default limit of 8 graphs per code would run the rest
+    eagerly, so it is raised to 64."""
+    import torch
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = repeated_blocks(unet)
     for block in blocks:
         block.compile(backend=backend())
