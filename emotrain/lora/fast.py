@@ -81,7 +81,8 @@ class Shadows:
         params = [p for layer in self.layers for p in _factors(layer)]
         devices = {p.device for p in params}
         if dtype != self.dtype or len(self.copies) != len(params) or len(devices) != 1 \
-                or any(c.device != p.device or c.shape != p.shape for c, p in zip(self.copies, params)):
+                or any(c.device != p.device or c.shape != p.shape or type(c) is not type(p.data)  # fake or real
+                       for c, p in zip(self.copies, params)):
             if len(devices) == 1:  # one allocation, views per factor
                 flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
                 self.copies = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
