@@ -199,7 +199,8 @@ def cpu_step_seconds(steps: int, rounds: int = 3, baseline: str | None = None) -
     """Median seconds of one forward+backward of the tiny model (batch 1, 64 px, bf16 base,
     fp32 LoRA rank 4 under bf16 autocast, checkpointing on) with peft's forward, with
     emotrain's, and (``baseline``: the path of another version's emotrain/lora/fast.py)
-    with that one, interleaved round by round in one process. Each step ends with an
+    with that one, interleaved round by round in one process; wall time and the process's
+    CPU time (the work itself, less sensitive to a loaded machine). Each step ends with an
     in-place write to every factor, as an optimizer step does (the copies are remade)."""
     import importlib.util
 
@@ -224,11 +225,12 @@ def cpu_step_seconds(steps: int, rounds: int = 3, baseline: str | None = None) -
         spec.loader.exec_module(module)
         models["baseline"] = build(module.install)
     times = {k: [] for k in models}
+    cpu = {k: [] for k in models}
     for _ in range(rounds):
         for name, unet in models.items():
             params = [p for p in unet.parameters() if p.requires_grad]
             for _ in range(steps):
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss = training_loss(unet, 64, torch.bfloat16, TINY_UNET["cross_attention_dim"])
                 loss.backward()
@@ -236,7 +238,9 @@ def cpu_step_seconds(steps: int, rounds: int = 3, baseline: str | None = None) -
                     torch._foreach_mul_(params, 1.0)  # the optimizer's in-place write
                 unet.zero_grad(set_to_none=True)
                 times[name].append(time.perf_counter() - started)
-    return {k: statistics.median(v) for k, v in times.items()}
+                cpu[name].append(time.process_time() - started_cpu)
+    return {**{k: statistics.median(v) for k, v in times.items()},
+            **{f"{k} (CPU time)": statistics.median(v) for k, v in cpu.items()}}
 
 
 def main() -> None:
@@ -246,6 +250,7 @@ def main() -> None:
     ap.add_argument("--no-sdxl", action="store_true", help="only the tiny model's CPU time")
     ap.add_argument("--baseline", help="another version's emotrain/lora/fast.py, timed beside (--cpu-steps)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --cpu-steps steps per forward")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for the CPU timing (0: torch's default)")
     ap.add_argument("--adapter", default="lora", help="adapter kinds, comma-separated (lora,dora,loha,lokr)")
     ap.add_argument("--targets", default="full,transformer", help="comma-separated")
     ap.add_argument("--checkpointing", default="on,off", help="on, off or both (comma-separated)")
@@ -254,6 +259,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also the ops by phase and source")
     ap.add_argument("--resolution", type=int, default=1024, help="pixels (the counts barely depend on it)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.cpu_steps:
         t = cpu_step_seconds(args.cpu_steps, args.rounds, args.baseline)
         print("tiny model, CPU, bf16 autocast, checkpointing, ms per forward+backward (median of "
