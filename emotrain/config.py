@@ -122,6 +122,10 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
     if cfg.fp8_base and cfg.adapter == "dora":
         bad("fp8_base", "--adapter dora forms each layer's whole weight from the base weight, which --fp8-base keeps "
             "in float8: drop --fp8-base or use --adapter lora, loha or lokr")
+    if cfg.compile:  # combinations not tried compiled: refused rather than trusted
+        for key in ("fp8_base", "network_dropout", "rank_dropout", "module_dropout"):
+            if getattr(cfg, key):
+                bad(key, f"is not supported with --compile yet: drop --compile or --{key.replace('_', '-')}")
     for key in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms"):
         if getattr(cfg, key) and cfg.adapter != "lora":  # defined on up/down factors (sd-scripts' LoRA)
             bad(key, f"applies to --adapter lora only, not {cfg.adapter}: drop it or pass --adapter lora")

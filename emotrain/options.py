@@ -290,10 +290,13 @@ OPTIONS: tuple[Option, ...] = (
     _o("gradient_checkpointing", bool, False, "Recompute activations in the backward pass: less memory, slower.",
        "Precision and memory", memory=True),
     _o("fp8_base", bool, False, "Store the frozen UNet's weights in float8 (e4m3) and compute each layer in bf16 "
-       "(diffusers' layerwise casting): about half the UNet's memory; the LoRA stays fp32. Needs --mixed-precision "
+       "(one layer at a time, in the forward and again in the backward): about half the UNet's memory; the LoRA stays fp32. Needs --mixed-precision "
        "bf16.", "Precision and memory", memory=True),
     _o("memory_check", bool, True, "On CUDA, compare the planned peak (`emotrain vram`) with the device's free "
        "memory before loading the model, and stop when it will not fit.", "Precision and memory", resumable=True),
+    _o("compile", bool, False, "torch.compile the UNet's repeated blocks (regional: the first step compiles for "
+       "seconds to minutes, later steps run the compiled kernels); the loss agrees with eager's to float rounding.",
+       "Precision and memory"),
     # -- checkpoints ---------------------------------------------------------------------
     _o("save_every", int, 0, "Write a checkpoint every N optimizer steps (0: only at the end).", "Checkpoints",
        minimum=0, maximum=MAX_COUNT, resumable=True),

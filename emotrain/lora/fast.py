@@ -7,19 +7,25 @@ product; an identity dropout; the product scaled (one pass over the output) and 
 again in the backward: on SDXL about two thirds of a step's operations were the
 adapters'. Here one autograd function per layer computes, in the autocast dtype,
 
-    y = x W^T + b,   h = x A^T,   out = y + s * h B^T   (one ``addmm``: scale and sum fused)
+    y = x W^T + b,   h = x a^T,   out = y + h b_s^T     (one ``addmm``: the sum fused)
 
-with A and B cast once per step (cached until the layer's backward has run, so the
-recomputation under gradient checkpointing does not cast again) and writes the gradients
-of the fp32 factors in fp32 (the master weights stay fp32). 3x3 convolutions (LoCon) do
-the same with convolutions and one ``add`` with ``alpha``. Without autocast (fp32 runs)
-the layer runs peft's own forward, unchanged bit for bit. A base layer stored in float8
+where ``a`` and ``b_s = scale * B`` are low-precision copies of the fp32 factors kept for
+the whole model (``Shadows``): refreshed, with the scale folded in, by two foreach
+operations for all layers together whenever a factor has changed (an optimizer step, a
+load), at the first forward that needs them; never per layer. The backward issues four
+matrix products per layer (input, hidden and the two factors' gradients, the scale of B's
+gradient in its ``addmm``'s ``alpha``) and writes the gradients of the fp32 factors in
+fp32 (the master weights stay fp32): on CUDA straight from the product (``out_dtype``),
+elsewhere through one cast each. 3x3 convolutions (LoCon) do the same with convolutions
+and one ``add``. Without autocast (fp32 runs) the layer runs peft's own forward, unchanged
+bit for bit. A base layer stored in float8
 (``--fp8-base``, sdxl/fp8.py) is cast to the compute dtype where it is used, in the
-forward and again in the backward, one layer at a time, as diffusers' hook does for it.
+forward and again in the backward, one layer at a time.
 
 ``install(model, adapter)`` swaps the classes of the model's plain ``lora`` layers (one adapter,
-no dropout, no bias on B, no variant) for the subclasses below; any other layer keeps
-peft's forward. The results equal peft's within bf16 rounding (tests/emotrain/lora/).
+no dropout, no bias on B, no variant) for the subclasses below and gives them one
+``Shadows``; any other layer keeps peft's forward. The results equal peft's within bf16
+rounding (tests/emotrain/lora/).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from peft.tuners.lora import layer as peft_layer
 
 from ..sdxl import stored_dtype
 
-CACHE = "_emotrain_casts"  # the layer attribute holding (key, a, b) between forward and backward
+SHADOWS = "_emotrain_shadows"  # the layer attribute holding its model's Shadows
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -42,24 +48,77 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype != weight.dtype else None
 
 
-def _casts(layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A and B in ``dtype``: cast once, then reused until the weights change or the layer's
-    backward releases them (outside autograd: the function writes the factors' gradients)."""
-    A, B = layer.lora_A[layer.emotrain_adapter].weight, layer.lora_B[layer.emotrain_adapter].weight
-    key = (A._version, B._version, dtype)  # an optimizer step or a load bumps the versions
-    cached = getattr(layer, CACHE, None)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    with torch.no_grad():
-        a, b = A.to(dtype), B.to(dtype)
-    if torch.is_grad_enabled():  # kept for the recomputation and the backward only
-        setattr(layer, CACHE, (key, a, b))
-    return a, b
+def _factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    name = layer.emotrain_adapter
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
 
 
-def _release(layer) -> None:
-    if getattr(layer, CACHE, None) is not None:
-        setattr(layer, CACHE, None)
+class Shadows:
+    """Low-precision copies ``(a, scale * B)`` of the factors of every fast layer of one
+    model, in one flat buffer. A layer's forward asks ``copies_of(layer, dtype)``: when a
+    factor of that layer changed since the last refresh (its version counter: optimizer
+    steps and loads write in place; its storage: a move), or its scale or dtype did, all copies are
+    refreshed at once: one ``_foreach_copy_`` (the cast) and one ``_foreach_mul_`` (the
+    scales). The copies hold no autograd history; the fast functions write the factors'
+    gradients themselves. Memory: 2 bytes per adapter parameter (bf16), kept between steps
+    (the per-layer casts they replace were alive from each forward to its backward)."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        for i, layer in enumerate(layers):
+            layer.emotrain_index = i
+        self.dtype, self.copies, self.seen = None, [], []
+
+    def _state(self, layer) -> tuple:
+        A, B = _factors(layer)  # in-place writes bump the versions; ``p.data = t`` changes the storage
+        return (A._version, B._version, A.untyped_storage()._cdata, B.untyped_storage()._cdata,
+                float(layer.scaling[layer.emotrain_adapter]))
+
+    def copies_of(self, layer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        i = layer.emotrain_index
+        if dtype != self.dtype or not self.seen or self.seen[i] != self._state(layer):
+            self.refresh(dtype)
+        return self.copies[2 * i], self.copies[2 * i + 1]
+
+    @torch.no_grad()
+    def refresh(self, dtype: torch.dtype) -> None:
+        params = [p for layer in self.layers for p in _factors(layer)]
+        devices = {p.device for p in params}
+        if dtype != self.dtype or len(self.copies) != len(params) or len(devices) != 1 \
+                or any(c.device != p.device or c.shape != p.shape or type(c) is not type(p.data)  # fake or real
+                       for c, p in zip(self.copies, params)):
+            if len(devices) == 1:  # one allocation, views per factor
+                flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+                self.copies = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+            else:
+                self.copies = [torch.empty(p.shape, dtype=dtype, device=p.device) for p in params]
+            self.dtype = dtype
+        torch._foreach_copy_(self.copies, params)
+        scales = [float(layer.scaling[layer.emotrain_adapter]) for layer in self.layers]
+        if any(s != 1.0 for s in scales):
+            torch._foreach_mul_(self.copies[1::2], scales)
+        self.seen = [self._state(layer) for layer in self.layers]
+
+
+_OUT_DTYPE = {"cuda": True}  # whether the device's matrix product writes fp32 from bf16 (checked on first use)
+
+
+def _fp32_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0, master: torch.Tensor | None = None,
+                  low: torch.Tensor | None = None) -> torch.Tensor:
+    """``alpha * m1 @ m2`` in float32 from low-precision factors: one ``mm``/``addmm`` with
+    ``out_dtype`` on CUDA (fp32 accumulation written as is), else the product and a cast.
+    With ``alpha`` != 1, ``master`` and ``low`` are any tensors of the result's shape in
+    float32 and in the factors' dtype: ``addmm``'s input, which ``beta=0`` ignores."""
+    if _OUT_DTYPE.get(m1.device.type):
+        try:
+            if alpha == 1.0:
+                return torch.mm(m1, m2, out_dtype=torch.float32)
+            return torch.addmm(master, m1, m2, out_dtype=torch.float32, beta=0, alpha=alpha)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE[m1.device.type] = False  # a build without it: the product and a cast, from now on
+    if alpha == 1.0:
+        return torch.mm(m1, m2).float()
+    return torch.addmm(low, m1, m2, beta=0, alpha=alpha).float()
 
 
 class _LinearLora(torch.autograd.Function):
@@ -70,7 +129,7 @@ class _LinearLora(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         h = torch.mm(x2, a.t())
-        out = torch.addmm(y, h, b.t(), alpha=scale)
+        out = torch.addmm(y, h, b.t())  # b carries the scale
         ctx.save_for_backward(x2, h)
         ctx.layer, ctx.a, ctx.b, ctx.scale, ctx.shape = layer, a, b, scale, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -78,18 +137,16 @@ class _LinearLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x2, h = ctx.saved_tensors
-        a, b, s = ctx.a, ctx.b, ctx.scale
+        a, b = ctx.a, ctx.b
         g = grad.reshape(-1, grad.shape[-1])
-        gh = torch.mm(g, b)
+        gh = torch.mm(g, b)  # d loss / d h, the scale included
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            weight = stored_dtype(ctx.layer.base_layer.weight, g.dtype)
-            gx = torch.addmm(torch.mm(g, weight), gh, a, alpha=s).view(ctx.shape)
+            gx = torch.addmm(torch.mm(g, stored_dtype(ctx.layer.base_layer.weight, g.dtype)), gh, a).view(ctx.shape)
         if ctx.needs_input_grad[1]:
-            gA = torch.mm(gh.t(), x2).float().mul_(s)
+            gA = _fp32_product(gh.t(), x2)
         if ctx.needs_input_grad[2]:
-            gB = torch.mm(g.t(), h).float().mul_(s)
-        _release(ctx.layer)
+            gB = _fp32_product(g.t(), h, ctx.scale, _factors(ctx.layer)[1], b)
         return gx, gA, gB, None, None, None, None
 
 
@@ -103,7 +160,7 @@ class _ConvLora(torch.autograd.Function):
         base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
         y = F.conv2d(x, stored_dtype(base.weight, x.dtype), stored_dtype(base.bias, x.dtype), *_conv_args(base))
         h = F.conv2d(x, a, None, *_conv_args(down))
-        out = torch.add(y, F.conv2d(h, b), alpha=scale)
+        out = torch.add(y, F.conv2d(h, b))  # b carries the scale
         ctx.save_for_backward(x, h)
         ctx.layer, ctx.a, ctx.b, ctx.scale = layer, a, b, scale
         return out
@@ -114,8 +171,7 @@ class _ConvLora(torch.autograd.Function):
         layer, a, b = ctx.layer, ctx.a, ctx.b
         base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
         backward = torch.ops.aten.convolution_backward
-        gs = grad * ctx.scale
-        gh, gB, _ = backward(gs, h, b, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
+        gh, gB, _ = backward(grad, h, b, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
                              [True, ctx.needs_input_grad[2], False])
         stride, padding, dilation, groups = _conv_args(down)
         gx, gA, _ = backward(gh, x, a, None, stride, padding, dilation, False, (0, 0), groups,
@@ -124,9 +180,9 @@ class _ConvLora(torch.autograd.Function):
             stride, padding, dilation, groups = _conv_args(base)
             gx = gx + backward(grad, x, stored_dtype(base.weight, grad.dtype), None, stride, padding, dilation, False, (0, 0), groups,
                                [True, False, False])[0]
-        _release(layer)
-        return (gx, None if gA is None else gA.float(), None if gB is None else gB.float(),
-                None, None, None, None)
+        if gB is not None:  # the gradient of B itself: the scale b carries, once more
+            gB = gB.float() if ctx.scale == 1.0 else gB.float().mul_(ctx.scale)
+        return gx, None if gA is None else gA.float(), gB, None, None, None, None
 
 
 class _Fast:
@@ -141,7 +197,7 @@ class _Fast:
         if dtype is None or args or kwargs or self.disable_adapters or self.merged \
                 or list(self.active_adapters) != [name] or self.base_layer.weight.requires_grad:
             return super().forward(x, *args, **kwargs)
-        a, b = _casts(self, dtype)
+        a, b = getattr(self, SHADOWS).copies_of(self, dtype)
         x = x if x.dtype == dtype else x.to(dtype)
         return self._function.apply(x, A, self.lora_B[name].weight, self, a, b, float(self.scaling[name]))
 
@@ -172,11 +228,35 @@ def plain(layer, adapter: str) -> bool:
 
 def install(model: torch.nn.Module, adapter: str) -> int:
     """Give the model's plain ``lora`` layers (one adapter, ``adapter``) the fused
-    forward; -> how many."""
-    count = 0
+    forward and one ``Shadows`` for them all; -> how many."""
+    layers = []
     for module in model.modules():
         if plain(module, adapter):
             module.__class__ = _FAST[type(module)]
             module.emotrain_adapter = adapter
-            count += 1
+            layers.append(module)
+    _share_shadows(layers)
+    return len(layers)
+
+
+def _share_shadows(layers: list) -> None:
+    shadows = Shadows(layers)
+    for layer in layers:
+        setattr(layer, SHADOWS, shadows)
+
+
+def uninstall(model: torch.nn.Module, inside: list) -> int:
+    """peft's own forward back on the fast layers within the modules ``inside`` (what
+    torch.compile traces: its compiled kernels fuse the casts and the scale, where the
+    fused function's Python would break the graph at each layer); the model's other fast
+    layers keep theirs and one ``Shadows``; -> how many went back."""
+    peft_class = {fast: peft for peft, fast in _FAST.items()}
+    count = 0
+    for module in inside:
+        for layer in module.modules():
+            if isinstance(layer, _Fast):
+                layer.__class__ = peft_class[type(layer)]
+                delattr(layer, SHADOWS)
+                count += 1
+    _share_shadows([m for m in model.modules() if isinstance(m, _Fast)])
     return count

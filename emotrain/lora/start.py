@@ -1,15 +1,16 @@
 """The run's adapter at the start of training: base LoRAs (--base-lora) baked into the
 frozen weights, then the adapter injected, fresh or continued from a file
 (--network-weights, whose kind, targets and ranks win), then with --fp8-base the frozen
-UNet layers stored in float8 (sdxl/fp8.py), with gradient checkpointing where asked. The
-files are read and fitted into the model on the meta device first (``read_loras``), so a
-LoRA for another model is refused before any weights load.
+UNet layers stored in float8 (sdxl/fp8.py), with gradient checkpointing and regional
+compilation (--compile) where asked. The files are read and fitted into the model on the
+meta device first (``read_loras``), so a LoRA for another model is refused before any
+weights load.
 """
 
 from __future__ import annotations
 
 from ..errors import UserError
-from ..sdxl import store_fp8, unet_config
+from ..sdxl import compile_blocks, repeated_blocks, store_fp8, unet_config
 from .formats import load_lora_file
 from .inject import add_lora, lora_config_for, lora_config_for_run, meta_sdxl
 from .live import load_into_model
@@ -59,4 +60,8 @@ def setup_lora(sdxl, cfg, loras: tuple | None = None) -> dict:
         if cfg.train_text_encoders:
             for te in sdxl.text_encoders:
                 te.gradient_checkpointing_enable()
+    if cfg.compile:  # regional: the repeated blocks, with peft's forward inside them (fast.uninstall)
+        from .fast import uninstall
+        uninstall(sdxl.unet, repeated_blocks(sdxl.unet))
+        compile_blocks(sdxl.unet)
     return named

@@ -37,7 +37,7 @@ from ..precision import weight_dtype
 from ..watch.progress import TrainProgress
 from . import memory, record as records
 from .record import RunRecord
-from ..sdxl import encode_prompts, load_sdxl, model_schedule, resolve_model, time_ids
+from ..sdxl import check_compiler, encode_prompts, load_sdxl, model_schedule, resolve_model, time_ids
 from .signals import StopRequests
 from ..watch.checks import check_samplers_for
 from ..watch.logs import accelerator_settings
@@ -90,6 +90,8 @@ def prepare(cfg: TrainConfig, resume: Path | None, progress: TrainProgress, stop
     check_schedule(cfg, schedule)
     check_samplers_for(cfg, schedule.zero_terminal_snr)
     check_optimizer(cfg.optim, cfg.lr, cfg.shadow, parse_optim_args(cfg.optim_args), device)
+    if cfg.compile:  # a platform that cannot compile says so now, in one line
+        check_compiler(device)
     loras = read_loras(cfg)
     with progress.task("loading model"):
         sdxl = load_sdxl(source, weight_dtype(cfg.mixed_precision), schedule=schedule)

@@ -4,8 +4,9 @@ emotrain trains one model family, SDXL (SDXL 1.0 and the community checkpoints o
 architecture); this package is where that knowledge lives, so the rest of emotrain
 reaches it only through the names imported here, never this package's modules: loading
 (``load_sdxl``, ``load_pipeline``, ``resolve_model``), which layers take an adapter
-(``unet_targets``, ``layer_kind``...), float8 storage of the frozen UNet (``store_fp8``), conditioning (``encode_*``, ``time_ids``) and the
-UNet's call (``predict``), the builds without weights (``meta_parts``, ``random_unet``...),
+(``unet_targets``, ``layer_kind``...), float8 storage of the frozen UNet (``store_fp8``), conditioning
+(``encode_*``, ``time_ids``) and the UNet's call (``predict``, ``compile_blocks``), the builds without
+weights (``meta_parts``, ``random_unet``...),
 and the module names of LoRA files (kohya, SGM, diffusers). It is not a plug-in seam for
 other families: a second family would first need one here.
 """
@@ -24,3 +25,4 @@ from .keys import (
 )
 from .parts import base_weight, component_models
 from .fp8 import STORAGE as FP8_STORAGE, fp8_cast_bytes, fp8_frozen_bytes, fp8_layers, store_fp8, stored_dtype
+from .regions import check_compiler, compile_blocks, repeated_blocks

@@ -331,6 +331,8 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--adapter", "loha", "--rank-dropout", "0.1"],
     ["--adapter", "lokr", "--module-dropout", "0.1"],
     ["--adapter", "dora", "--scale-weight-norms", "1"],
+    ["--compile", "--network-dropout", "0.1"],  # combinations not tried compiled
+    ["--compile", "--fp8-base", "--mixed-precision", "bf16"],
 ]
 
 

@@ -74,9 +74,6 @@ def test_checkpointing_recomputes_the_same():
     (l0, g0), (l1, g1) = (loss_and_grads(unet(True, BF16, ckpt), BF16, True) for ckpt in (False, True))
     assert torch.equal(l0, l1)
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
-    model = unet(True, BF16, True)
-    loss_and_grads(model, BF16, True)
-    assert all(getattr(m, fast.CACHE, None) is None for m in model.modules())  # the casts are released
 
 
 class Ops(TorchDispatchMode):
@@ -100,3 +97,56 @@ def test_fewer_ops_and_casts(checkpointing):
     assert counts[True]["_to_copy"] < 0.6 * counts[False]["_to_copy"]
     assert counts[True]["mul"] * 2 < counts[False]["mul"]
     assert sum(counts[True].values()) < 0.75 * sum(counts[False].values())
+
+
+def test_one_refresh_of_the_copies_per_change_of_the_factors():
+    """The factors' low-precision copies are made for all layers at once (one foreach copy,
+    one foreach multiply for the scales), only when a factor changed; a model whose
+    factors were changed (in place, or by replacing a tensor) computes what a model built
+    with those factors computes, bit for bit."""
+    model = unet(True, BF16, True)
+    with Ops() as first:
+        loss_and_grads(model, BF16, True)
+    with Ops() as again:  # nothing changed: no copy at all
+        model.zero_grad(set_to_none=True)
+        loss_and_grads(model, BF16, True)
+    assert (first.ops["_foreach_copy_"], first.ops["_foreach_mul_"]) == (1, 1)
+    assert again.ops["_foreach_copy_"] == again.ops["_foreach_mul_"] == 0
+    layers = sum(1 for m in model.modules() if isinstance(m, fast._Fast))
+    assert first.ops["_to_copy"] <= 2 * layers + 40  # the fp32 gradients (CPU) and the UNet's own; no per-layer copy
+
+    with torch.no_grad():  # an optimizer step (in place) and a load that replaces a tensor
+        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        torch._foreach_add_(params, [torch.full_like(p, 0.01) for p in params])
+        params[0].data = params[0].data * 1.5
+    model.zero_grad(set_to_none=True)
+    loss, grads = loss_and_grads(model, BF16, True)
+    fresh = unet(True, BF16, True)
+    fresh.load_state_dict(model.state_dict())
+    fresh_loss, fresh_grads = loss_and_grads(fresh, BF16, True)
+    assert torch.equal(loss, fresh_loss)
+    assert all(torch.equal(grads[n], fresh_grads[n]) for n in grads)
+
+
+def test_fp32_products_where_the_device_writes_them():
+    """CUDA's route for the factors' fp32 gradients (one product with ``out_dtype``) gives
+    what the CPU's product-then-cast gives, to bf16 rounding; here on fake tensors, where
+    the op exists without CUDA, and on a device without it the fallback is taken."""
+    g = torch.Generator().manual_seed(0)
+    m1, m2 = torch.randn(8, 16, generator=g).to(BF16), torch.randn(16, 4, generator=g).to(BF16)
+    master, low = torch.empty(8, 4), torch.empty(8, 4, dtype=BF16)  # addmm's ignored input (beta=0)
+    plain = fast._fp32_product(m1, m2, 0.5, master, low)
+    assert plain.dtype == torch.float32
+    assert torch.allclose(plain, 0.5 * (m1.float() @ m2.float()), rtol=2 ** -7, atol=1e-2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, Ops() as ops:
+        f1, f2, f3, f4 = (mode.from_tensor(t) for t in (m1, m2, master, low))
+        saved = dict(fast._OUT_DTYPE)
+        try:
+            fast._OUT_DTYPE["cpu"] = True
+            out = fast._fp32_product(f1, f2, 0.5, f3, f4)
+        finally:
+            fast._OUT_DTYPE.clear()
+            fast._OUT_DTYPE.update(saved)
+    assert out.dtype == torch.float32 and out.shape == (8, 4)
+    assert ops.ops["addmm"] == 1 and ops.ops["_to_copy"] == 0
