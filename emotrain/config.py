@@ -126,6 +126,8 @@ def validate(cfg: TrainConfig, needs_data: bool = True) -> None:
         for key in ("fp8_base", "network_dropout", "rank_dropout", "module_dropout"):
             if getattr(cfg, key):
                 bad(key, f"is not supported with --compile yet: drop --compile or --{key.replace('_', '-')}")
+        if cfg.adapter != "lora":
+            bad("compile", f"is tried with --adapter lora only, not {cfg.adapter}: drop --compile or use --adapter lora")
     for key in ("network_dropout", "rank_dropout", "module_dropout", "scale_weight_norms"):
         if getattr(cfg, key) and cfg.adapter != "lora":  # defined on up/down factors (sd-scripts' LoRA)
             bad(key, f"applies to --adapter lora only, not {cfg.adapter}: drop it or pass --adapter lora")

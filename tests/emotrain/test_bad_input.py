@@ -333,6 +333,7 @@ CONTRADICTIONS = [  # options that are each fine alone (issue 16)
     ["--adapter", "dora", "--scale-weight-norms", "1"],
     ["--compile", "--network-dropout", "0.1"],  # combinations not tried compiled
     ["--compile", "--fp8-base", "--mixed-precision", "bf16"],
+    ["--compile", "--adapter", "loha"],
 ]
 
 
