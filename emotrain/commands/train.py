@@ -94,6 +94,15 @@ def _refuse_other_run(folder: RunFolder, output: str, restart: bool = True) -> s
                     "from: pass another --output (a new run there would replace those files)")
 
 
+def _aside(path: Path, why: str, other: str) -> Path:
+    """``path`` renamed aside (kept), or one line saying what to do when it cannot be."""
+    try:
+        return set_aside(path)
+    except OSError as exc:
+        raise UserError(f"cannot set aside {path}, which {why} ({exc.strerror}): move it away yourself, or "
+                        f"{other}") from None
+
+
 def _set_aside_stopped(folder: RunFolder) -> list[str]:
     """The files of a run that stopped before its first checkpoint, renamed aside before
     the new run writes its own: kept, and said so."""
@@ -101,11 +110,7 @@ def _set_aside_stopped(folder: RunFolder) -> list[str]:
     for name in RUN_FILES:
         path = folder.root / name
         if path.exists():
-            try:
-                aside = set_aside(path)
-            except OSError as exc:
-                raise UserError(f"cannot set aside {path}, which the new run would replace ({exc.strerror}): move "
-                                "it away yourself, or pass another --output") from None
+            aside = _aside(path, "the new run would replace", "pass another --output")
             notes.append(f"note: kept the stopped run's {name} as {aside.name}")
     return notes
 
@@ -120,11 +125,7 @@ def _set_aside_newer(output: str, ckpt: Path) -> list[str]:
     notes = []
     for path in step_folders(own.checkpoints):
         if int(STEP_NAME.match(path.name).group(1)) > step:
-            try:
-                aside = set_aside(path)
-            except OSError as exc:
-                raise UserError(f"cannot set aside {path}, which this run would replace ({exc.strerror}): move it "
-                                "away yourself, or resume with --output NEW_DIR") from None
+            aside = _aside(path, "this run would replace", "resume with --output NEW_DIR")
             notes.append(f"note: kept {path.name}, which this run does not use, as {own.relative(aside)}")
     return notes
 

@@ -39,13 +39,17 @@ class LoraEma:
             self.tensors = [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True)
                             for p in self.params]
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        # Decided once: the parameters stay where the run put them (the EMA is made after that).
+        self._moves = any(p.device != self.device or p.dtype != torch.float32 for p in self.params)
 
     @torch.no_grad()
     def update(self) -> None:
         """One step: ema <- ema + (1 - decay) * (weights - ema), every tensor at once."""
         weights = [p.detach() for p in self.params]
-        if any(w.device != self.device or w.dtype != torch.float32 for w in weights):
-            weights = [w.to(device=self.device, dtype=torch.float32) for w in weights]
+        if self._moves:  # --ema-on-cpu (or a non-fp32 LoRA): copies queued, then one wait for them all
+            weights = [w.to(device=self.device, dtype=torch.float32, non_blocking=True) for w in weights]
+            if self.params[0].device.type == "cuda":
+                torch.cuda.current_stream(self.params[0].device).synchronize()
         torch._foreach_lerp_(self.tensors, weights, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -72,15 +76,14 @@ class LoraEma:
     def swapped_in(self):
         """Inside: the parameters hold the EMA; afterwards the training weights, bit for bit."""
         with torch.no_grad():
-            kept = [p.detach().clone() for p in self.params]
-            for p, t in zip(self.params, self.tensors):
-                p.copy_(t)
+            params = [p.detach() for p in self.params]
+            kept = torch._foreach_add(params, 0)  # exact copies
+            torch._foreach_copy_(params, self.tensors)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, k in zip(self.params, kept):
-                    p.copy_(k)
+                torch._foreach_copy_(params, kept)
 
 
 def ema_for_run(cfg, named_params: dict, optimizer, device) -> LoraEma | None:
