@@ -12,7 +12,10 @@ run's dropout window (emotrain/lora/dropout.py) as training does. Each setting h
 copy of the model (same seed); the settings take turns, ``--steps`` steps each per round,
 for ``--rounds`` rounds after one warm-up round, so background load hits them alike. The
 figure per setting is the median over rounds of the seconds per step; the cost is its
-difference to the plain step's median, as a share of the plain step.
+difference to the plain step's median, as a share of the plain step; the paired cost is
+the median of each round's difference to that round's plain step (load that changes
+between rounds cancels), as the same share. "plain again" is the plain step on a second copy of the model: its
+cost is the method's own error (copies of the model sit differently in memory and caches).
 
 On the CPU the clock is the thread's CPU time (``time.thread_time``, one thread): on a
 shared machine the wall time of a step moved by 2x between rounds (other processes
@@ -40,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SETTINGS = {
     "plain": {},
+    "plain again": {},  # the same step on its own copy: what the method reads where nothing differs
     "network dropout 0.1": {"network_dropout": 0.1},
     "rank dropout 0.1": {"rank_dropout": 0.1},
     "module dropout 0.1": {"module_dropout": 0.1},
@@ -148,14 +152,17 @@ def main() -> None:
     print(f"device {args.device}, {args.mixed_precision}, {args.resolution} px, batch {args.batch_size}, rank "
           f"{args.rank}; {args.rounds} rounds x {args.steps} steps per setting; median "
           f"{'wall' if cuda else 'CPU'} time per step (min-max of rounds)")
-    print("| setting | s/step | range | cost vs plain | ops per step (non-view) |")
-    print("|---|---|---|---|---|")
+    print("| setting | s/step | range | cost vs plain | paired cost | ops per step (non-view) |")
+    print("|---|---|---|---|---|---|")
     for name, values in times.items():
         median = statistics.median(values)
         cost = "-" if name == "plain" else f"{100 * (median - plain) / plain:+.1f}%"
+        # the same round's plain step beside it: load that drifts between rounds cancels
+        paired = "-" if name == "plain" else \
+            f"{100 * statistics.median(v - p for v, p in zip(values, times['plain'])) / plain:+.1f}%"
         extra = "" if name == "plain" else f" ({100 * (ops[name] - ops['plain']) / ops['plain']:+.1f}%)"
         print(f"| {name} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f}-{max(values) * 1e3:.1f} ms | {cost} | "
-              f"{ops[name]}{extra} |")
+              f"{paired} | {ops[name]}{extra} |")
     if max_norm_pass:
         alone = statistics.median(max_norm_pass)
         print(f"max-norm pass alone: {alone * 1e3:.2f} ms per step = {100 * alone / plain:.1f}% of the plain step")

@@ -191,7 +191,8 @@ def sdxl_step_ops(targets: str, checkpointing: bool, peft: bool = False, rank: i
                 loss = training_loss(unet, resolution, bf16, 2048)
             counter.phase = "backward"
             loss.backward()
-    lora_layers = sum(1 for m in unet.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    lora_layers = sum(1 for m in unet.modules() if isinstance(m, BaseTunerLayer))  # any adapter kind
     return {**counter.summary(), "layers": lora_layers}
 
 
@@ -267,7 +268,7 @@ def main() -> None:
               f"{args.cpu_steps * args.rounds}): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in t.items()), flush=True)
     if args.no_sdxl:
         return
-    print("| forward | products | kind | targets | checkpointing | LoRA layers | aten ops | non-view | _to_copy | "
+    print("| forward | products | kind | targets | checkpointing | adapter layers | aten ops | non-view | _to_copy | "
           "mm+addmm+bmm | mul | add | top non-view ops |")
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for kind in args.adapter.split(","):

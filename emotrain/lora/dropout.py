@@ -12,9 +12,15 @@ For a layer ``y = W x + s * B(A(x))`` (``A`` the down projection, ``B`` the up o
   (one mask of shape (batch, rank), shared by every position of the sample); the scale
   becomes ``s / (1-p)``, as if the rank had shrunk.
 
-Network dropout comes first, then the rank mask, as in sd-scripts; both masks hold 0 and 1
-and their ``1/(1-p)`` factors are applied once, to the scale (the same product, fewer
-operations on the activation). Validation, samples,
+Network dropout comes first, then the rank mask, as in sd-scripts; the two masks are
+multiplied into one mask when both are on; their ``1/(1-p)`` factors are applied once (the
+same product, fewer operations on the activation). The masks of a micro-batch are slices
+of a few large draws (``Dropout._take``), not one draw per layer. Under autocast a layer
+with fast.py's fused forward (every plain LoRA layer training installs) computes the
+dropped LoRA in it: 0/1 masks, one multiply of ``h`` forward and one of its gradient back,
+the factors riding on the products' ``alpha``. In fp32 peft's layers run as autograd sees
+them, the mask holding 0 or ``scale/((1-p)(1-q))``: its multiply takes the place of peft's
+multiply by the scale. Validation, samples,
 ``emotrain vram`` and every forward outside ``Dropout.micro_batch`` see the plain LoRA.
 
 The draws come from the run's noise generator, never the global RNG: at each micro-batch
@@ -38,8 +44,10 @@ import torch
 from peft.tuners.lora import layer as peft_layer
 
 from ..errors import UserError
+from . import fast
 
-MASKS = "_emotrain_dropout_masks"  # the layer attribute holding (token, shape, h mask, rank mask)
+MASKS = "_emotrain_dropout_masks"  # the layer attribute holding (token, shape, h mask, rank mask, their product)
+CHUNK, CHUNK_CAP = 64, 1 << 22  # a mask draw covers 64 requests of the size that started it, at most 4M values
 
 
 class Dropout:
@@ -48,7 +56,7 @@ class Dropout:
     def __init__(self, network: float, rank: float, module: float, layers: list):
         self.network, self.rank, self.module, self.layers = network, rank, module, layers
         self.token = None  # set within a training micro-batch only
-        self._seed, self._count, self._generators, self._skips = 0, 0, {}, None
+        self._seed, self._count, self._generators, self._skips, self._pools = 0, 0, {}, None, {}
 
     @contextmanager
     def micro_batch(self, noise: torch.Generator):
@@ -57,13 +65,13 @@ class Dropout:
         self._seed = int(torch.randint(0, 2**62, (1,), generator=noise))
         self._count += 1
         self.token = self._count
-        self._generators = {}
+        self._generators, self._pools = {}, {}
         self._skips = (torch.rand(len(self.layers), generator=self._generator(torch.device("cpu"), 1))
                        < self.module).tolist() if self.module else None
         try:
             yield
         finally:
-            self.token, self._skips = None, None
+            self.token, self._skips, self._pools = None, None, {}
             for layer in self.layers:
                 setattr(layer, MASKS, None)
 
@@ -77,21 +85,46 @@ class Dropout:
         """Whether module dropout leaves the ``index``-th layer out of this micro-batch."""
         return self._skips is not None and self._skips[index]
 
-    def masks(self, layer, h: torch.Tensor, conv: bool) -> tuple:
-        """(h mask or None, rank mask or None) of ``layer`` in this micro-batch."""
+    def masks(self, layer, h: torch.Tensor, conv: bool, value: float = 1.0) -> tuple:
+        """(h mask or None, rank mask or None, their product) of ``layer`` in this
+        micro-batch: 0 where dropped, ``value`` where kept (the first mask carries it, the
+        second holds 1)."""
         cached = getattr(layer, MASKS, None)
         if cached is not None and cached[0] == self.token and cached[1] == h.shape:
             return cached[2:]
-        keep_h = keep_rank = None  # 1 where kept, 0 where dropped; the 1/(1-p) goes into the scale
-        generator, shape = self._generator(h.device, 2), h.detach()  # bernoulli(p) takes the shape of its input
+        keep_h = keep_rank = None
         if self.network:
-            keep_h = torch.bernoulli(shape, 1 - self.network, generator=generator)
+            keep_h = self._take(h.numel(), self.network, 2, h, value).view(h.shape)
         if self.rank:  # one draw per sample and rank: (batch, rank, 1, 1) of a conv, (batch, 1.., rank) else
-            every, first = slice(None), (slice(0, 1),) * (h.dim() - 2)  # the positions share the draw
-            per_rank = shape[(every, every, *first)] if conv else shape[(every, *first)]
-            keep_rank = torch.bernoulli(per_rank, 1 - self.rank, generator=generator)
-        setattr(layer, MASKS, (self.token, h.shape, keep_h, keep_rank))
-        return keep_h, keep_rank
+            ones = (1,) * (h.dim() - 2)  # the positions share the draw
+            shape = (h.shape[0], h.shape[1], *ones) if conv else (h.shape[0], *ones, h.shape[-1])
+            n = shape[0] * shape[1 if conv else -1]
+            keep_rank = self._take(n, self.rank, 3, h, 1.0 if self.network else value).view(shape)
+        keep = keep_rank if keep_h is None else keep_h if keep_rank is None else keep_h * keep_rank
+        setattr(layer, MASKS, (self.token, h.shape, keep_h, keep_rank, keep))
+        return keep_h, keep_rank, keep
+
+    def _take(self, n: int, p: float, stream: int, like: torch.Tensor, value: float) -> torch.Tensor:
+        """The next ``n`` values of the micro-batch's stream ``stream`` on ``like``'s device
+        and dtype: ``value`` with probability 1-p, else 0. Drawn in chunks of about ``CHUNK``
+        requests (three operations for many layers: the draw, ``value`` multiplied in), so a
+        layer's mask is a slice of one draw. Which values a layer gets depends only on the
+        micro-batch's seed and the requests its layers made before it, in order: the same in
+        a resumed run."""
+        key = (like.device, like.dtype, stream, value)
+        pool, used = self._pools.get(key, (None, 0))
+        if pool is None or used + n > pool.numel():
+            pool = torch.empty(max(n, min(CHUNK * n, CHUNK_CAP)), dtype=like.dtype, device=like.device)
+            pool.bernoulli_(1 - p, generator=self._generator(like.device, stream))
+            if value != 1.0:
+                pool.mul_(value)
+            used = 0
+        self._pools[key] = (pool, used + n)
+        return pool[used:used + n]
+
+    def scale(self) -> float:
+        """The factor the kept neurons are scaled by: 1/(1-p) of each dropout."""
+        return 1 / ((1 - self.network) * (1 - self.rank))
 
 
 class _WithDropout:
@@ -109,21 +142,20 @@ class _WithDropout:
             return self.base_layer(x)  # module dropout: the frozen layer alone
         if not (drop.network or drop.rank):
             return super().forward(x, *args, **kwargs)
-        name = self.emotrain_dropout_adapter
+        conv = isinstance(self, peft_layer.Conv2d)
+        if isinstance(self, fast._Fast):  # under autocast: one multiply of h and one of its gradient
+            out = self.fused(x, draw=lambda h: drop.masks(self, h, conv)[2], extra=drop.scale())
+            if out is not None:
+                return out
+        name = self.emotrain_dropout_adapter  # peft's layers, as autograd sees them
         down, up = self.lora_A[name], self.lora_B[name]
         result = self.base_layer(x)
         autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         h = down(x if autocast else x.to(down.weight.dtype))
-        keep_h, keep_rank = drop.masks(self, h, isinstance(self, peft_layer.Conv2d))
-        if keep_h is not None:
-            h = h * keep_h
-        if keep_rank is not None:
-            h = h * keep_rank
-        scale = self.scaling[name] / ((1 - drop.network) * (1 - drop.rank))  # dropout's and rank dropout's
+        # the LoRA's scale and the dropouts' 1/(1-p) ride on the mask: one multiply, as peft's scale
+        h = h * drop.masks(self, h, conv, self.scaling[name] * drop.scale())[2]
         lora = up(h)
-        if lora.dtype == result.dtype:
-            return torch.add(result, lora, alpha=scale)
-        return result + (lora * scale).to(result.dtype)
+        return result + (lora if lora.dtype == result.dtype else lora.to(result.dtype))
 
 
 _CLASSES: dict[type, type] = {}

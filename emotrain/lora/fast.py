@@ -122,32 +122,45 @@ def _fp32_product(m1: torch.Tensor, m2: torch.Tensor, alpha: float = 1.0, master
 
 
 class _LinearLora(torch.autograd.Function):
+    """``out = x W^T + bias + extra * (h * keep) b^T`` with ``h = x a^T`` and ``b = carried * B``:
+    ``carried`` is the scale the copy ``b`` holds (the LoRA scale), ``extra`` another factor,
+    ``keep`` a 0/1 mask on ``h`` that ``draw(h)`` returns
+    (dropout.py; None: no mask). Three products forward, four back; a mask adds one
+    multiply each way, ``extra`` rides on the products' ``alpha``."""
+
     @staticmethod
-    def forward(ctx, x, A, B, layer, a, b, scale):
+    def forward(ctx, x, A, B, layer, a, b, carried, extra=1.0, draw=None):
         base = layer.base_layer
         weight, bias = stored_dtype(base.weight, x.dtype), stored_dtype(base.bias, x.dtype)
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         h = torch.mm(x2, a.t())
-        out = torch.addmm(y, h, b.t())  # b carries the scale
+        keep = None if draw is None else draw(h.view(*x.shape[:-1], h.shape[-1]))
+        if keep is not None:  # in place: h is nobody else's
+            h.view(*x.shape[:-1], h.shape[-1]).mul_(keep)
+        out = torch.addmm(y, h, b.t()) if extra == 1.0 else torch.addmm(y, h, b.t(), alpha=extra)
         ctx.save_for_backward(x2, h)
-        ctx.layer, ctx.a, ctx.b, ctx.scale, ctx.shape = layer, a, b, scale, x.shape
+        ctx.layer, ctx.a, ctx.b, ctx.carried, ctx.extra, ctx.keep, ctx.shape = layer, a, b, carried, extra, keep, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, h = ctx.saved_tensors
-        a, b = ctx.a, ctx.b
+        a, b, extra = ctx.a, ctx.b, ctx.extra
         g = grad.reshape(-1, grad.shape[-1])
-        gh = torch.mm(g, b)  # d loss / d h, the scale included
+        gh = torch.mm(g, b)  # d loss / d h over ``extra``, the carried scale included
+        if ctx.keep is not None:
+            gh.view(*ctx.shape[:-1], gh.shape[-1]).mul_(ctx.keep)
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(torch.mm(g, stored_dtype(ctx.layer.base_layer.weight, g.dtype)), gh, a).view(ctx.shape)
+            gx = torch.mm(g, stored_dtype(ctx.layer.base_layer.weight, g.dtype))
+            gx = (torch.addmm(gx, gh, a) if extra == 1.0 else torch.addmm(gx, gh, a, alpha=extra)).view(ctx.shape)
         if ctx.needs_input_grad[1]:
-            gA = _fp32_product(gh.t(), x2)
+            gA = _fp32_product(gh.t(), x2) if extra == 1.0 else \
+                _fp32_product(gh.t(), x2, extra, _factors(ctx.layer)[0], a)
         if ctx.needs_input_grad[2]:
-            gB = _fp32_product(g.t(), h, ctx.scale, _factors(ctx.layer)[1], b)
-        return gx, gA, gB, None, None, None, None
+            gB = _fp32_product(g.t(), h, ctx.carried * extra, _factors(ctx.layer)[1], b)
+        return gx, gA, gB, None, None, None, None, None, None
 
 
 def _conv_args(conv) -> tuple:
@@ -155,34 +168,45 @@ def _conv_args(conv) -> tuple:
 
 
 class _ConvLora(torch.autograd.Function):
+    """The same for a convolution: ``h = conv(x, a)``, ``out = conv(x, W) + extra * conv(h * keep, b)``."""
+
     @staticmethod
-    def forward(ctx, x, A, B, layer, a, b, scale):
+    def forward(ctx, x, A, B, layer, a, b, carried, extra=1.0, draw=None):
         base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
         y = F.conv2d(x, stored_dtype(base.weight, x.dtype), stored_dtype(base.bias, x.dtype), *_conv_args(base))
         h = F.conv2d(x, a, None, *_conv_args(down))
-        out = torch.add(y, F.conv2d(h, b))  # b carries the scale
+        keep = None if draw is None else draw(h)
+        if keep is not None:
+            h.mul_(keep)
+        out = torch.add(y, F.conv2d(h, b)) if extra == 1.0 else torch.add(y, F.conv2d(h, b), alpha=extra)
         ctx.save_for_backward(x, h)
-        ctx.layer, ctx.a, ctx.b, ctx.scale = layer, a, b, scale
+        ctx.layer, ctx.a, ctx.b, ctx.carried, ctx.extra, ctx.keep = layer, a, b, carried, extra, keep
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, h = ctx.saved_tensors
-        layer, a, b = ctx.layer, ctx.a, ctx.b
+        layer, a, b, extra = ctx.layer, ctx.a, ctx.b, ctx.extra
         base, down = layer.base_layer, layer.lora_A[layer.emotrain_adapter]
         backward = torch.ops.aten.convolution_backward
         gh, gB, _ = backward(grad, h, b, None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
                              [True, ctx.needs_input_grad[2], False])
+        if ctx.keep is not None:
+            gh.mul_(ctx.keep)
         stride, padding, dilation, groups = _conv_args(down)
         gx, gA, _ = backward(gh, x, a, None, stride, padding, dilation, False, (0, 0), groups,
                              [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         if gx is not None:
             stride, padding, dilation, groups = _conv_args(base)
-            gx = gx + backward(grad, x, stored_dtype(base.weight, grad.dtype), None, stride, padding, dilation, False, (0, 0), groups,
-                               [True, False, False])[0]
+            base_gx = backward(grad, x, stored_dtype(base.weight, grad.dtype), None, stride, padding, dilation, False,
+                               (0, 0), groups, [True, False, False])[0]
+            gx = gx + base_gx if extra == 1.0 else torch.add(base_gx, gx, alpha=extra)
+        if gA is not None:
+            gA = gA.float() if extra == 1.0 else gA.float().mul_(extra)
         if gB is not None:  # the gradient of B itself: the scale b carries, once more
-            gB = gB.float() if ctx.scale == 1.0 else gB.float().mul_(ctx.scale)
-        return gx, None if gA is None else gA.float(), gB, None, None, None, None
+            factor = ctx.carried * extra
+            gB = gB.float() if factor == 1.0 else gB.float().mul_(factor)
+        return gx, gA, gB, None, None, None, None, None, None
 
 
 class _Fast:
@@ -191,15 +215,25 @@ class _Fast:
     emotrain_adapter: str  # the layer's one adapter (``install`` sets it)
 
     def forward(self, x, *args, **kwargs):
+        if args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        out = self.fused(x)
+        return super().forward(x) if out is None else out
+
+    def fused(self, x, draw=None, extra: float = 1.0):
+        """The fused forward under autocast, or None where it does not apply (no autocast:
+        peft's forward is the fp32 reference, bit for bit; adapters off or merged; base
+        trained). ``draw(h)``: a 0/1 mask for ``h`` or None, ``extra`` a factor on the
+        LoRA's output (dropout.py: 1/(1-p)); see ``_LinearLora``."""
         name = self.emotrain_adapter
         A = self.lora_A[name].weight
         dtype = _compute_dtype(x, A)
-        if dtype is None or args or kwargs or self.disable_adapters or self.merged \
-                or list(self.active_adapters) != [name] or self.base_layer.weight.requires_grad:
-            return super().forward(x, *args, **kwargs)
+        if dtype is None or self.disable_adapters or self.merged or list(self.active_adapters) != [name] \
+                or self.base_layer.weight.requires_grad:
+            return None
         a, b = getattr(self, SHADOWS).copies_of(self, dtype)
         x = x if x.dtype == dtype else x.to(dtype)
-        return self._function.apply(x, A, self.lora_B[name].weight, self, a, b, float(self.scaling[name]))
+        return self._function.apply(x, A, self.lora_B[name].weight, self, a, b, float(self.scaling[name]), extra, draw)
 
 
 class FastLinear(_Fast, peft_layer.Linear):
@@ -237,6 +271,14 @@ def install(model: torch.nn.Module, adapter: str) -> int:
             layers.append(module)
     _share_shadows(layers)
     return len(layers)
+
+
+def copy_bytes(model: torch.nn.Module, mixed_precision: str) -> int:
+    """Bytes of the ``Shadows`` of ``model``'s fused layers in a run at ``mixed_precision``:
+    2 per factor value under bf16/fp16 (the copies exist only under autocast), else 0."""
+    if mixed_precision not in ("bf16", "fp16"):
+        return 0
+    return 2 * sum(p.numel() for m in model.modules() if isinstance(m, _Fast) for p in _factors(m))
 
 
 def _share_shadows(layers: list) -> None:

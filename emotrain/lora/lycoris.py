@@ -59,6 +59,36 @@ def exact_kwargs(modules: dict, peft_targets: dict[str, str], alpha_key: str, ra
             "alpha_pattern": alpha_pattern}
 
 
+class _Steady:
+    """Mixed in before peft's LoHa/LoKr layer classes: their forward without peft's
+    module-dropout test, which in training draws ``torch.rand(1)`` from the global RNG and
+    compares it on the host, per layer and forward, even at module dropout 0 (and then
+    leaves the adapter out when the draw is exactly 0.0). emotrain never sets peft's
+    module dropout; where one is set, peft's forward runs. The sum is peft's:
+    ``base(x) + delta(x)`` per active adapter, in the input's dtype. Without the test the
+    step has no value-dependent branch, so the memory plan and the op count can trace it."""
+
+    def forward(self, x, *args, **kwargs):
+        active = [a for a in self.active_adapters if a in self._available_adapters]
+        if self.disable_adapters or self.merged or any(self.module_dropout[a] for a in active):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in active:
+            result = result + self._get_delta_activations(adapter, x, *args, **kwargs)
+        return result.to(x.dtype)
+
+
+_STEADY: dict[type, type] = {}
+
+
+def _steady(cls: type) -> type:
+    if issubclass(cls, _Steady):
+        return cls
+    if cls not in _STEADY:
+        _STEADY[cls] = type(f"Steady{cls.__name__}", (_Steady, cls), {})
+    return _STEADY[cls]
+
+
 class _LycorisKind(AdapterKind):
     """What LoHa and LoKr share: peft ParameterDicts named as LyCORIS' keys, alpha."""
 
@@ -86,6 +116,12 @@ class _LycorisKind(AdapterKind):
 
     def owns_config(self, config) -> bool:
         return isinstance(config, self._config_class())
+
+    def after_inject(self, model, adapter: str = ADAPTER) -> None:
+        """The layers' forward without peft's per-layer module-dropout draw (``_Steady``)."""
+        for layer in model.modules():
+            if self.is_layer(layer, adapter):
+                layer.__class__ = _steady(type(layer))
 
     # -- the live model ----------------------------------------------------------------
 
@@ -214,6 +250,7 @@ class LokrKind(_LycorisKind):
     def after_inject(self, model, adapter: str = ADAPTER) -> None:
         """LyCORIS' scale of a module whose factors are both full is 1 whatever alpha (peft
         would use alpha/r); and a --lokr-factor must divide every layer it splits."""
+        super().after_inject(model, adapter)
         for name, layer in model.named_modules():
             if not self.is_layer(layer, adapter):
                 continue

@@ -15,6 +15,7 @@ import torch
 from .. import sdxl
 from ..dataset import Needs
 from ..errors import UserError
+from ..lora import fast
 from ..lora.inject import meta_sdxl
 from ..lora.kinds import kind_of_layer
 from ..lora.live import frozen_tensors, zero_start_parameters
@@ -141,8 +142,10 @@ def resident_components(cfg) -> tuple[str, ...]:
 
 def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     """Memory of the run ``cfg`` describes, per optimizer, in bytes: LoRA weights (fp32),
-    optimizer state, gradients (fp32), frozen base weights and, with --ema-decay, the EMA's
-    fp32 copy of the LoRA (``ema_bytes``: 0 when --ema-on-cpu keeps it in CPU memory).
+    optimizer state, gradients (fp32), frozen base weights, under bf16/fp16 the fused
+    forward's 2-byte copies of the LoRA factors (``fused_copy_bytes``, lora/fast.py) and, with
+    --ema-decay, the EMA's fp32 copy of the LoRA (``ema_bytes``: 0 when --ema-on-cpu keeps
+    it in CPU memory).
     ``optims`` (default: the config's optimizer) and ``shadow`` (``"off"``/``"on"``/``"both"``, default: the
     config's setting) widen it into a comparison table. The config's optimizer arguments
     apply to every optimizer planned. With ``activations``, the step's activations
@@ -169,6 +172,8 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     # --fp8-base: one stored layer at a time holds its bf16 copy while it computes
     fp8_cast = sdxl.fp8_cast_bytes(modules["unet"]) if getattr(cfg, "fp8_base", False) else 0
     transient = adapter_transient_bytes(modules) + fp8_cast
+    # the fused LoRA forward's low-precision factor copies (lora/fast.py), held between steps
+    copies = sum(fast.copy_bytes(m, cfg.mixed_precision) for m in modules.values())
     resident = resident_components(cfg)
     # Sampling brings back what caching freed: the VAE and frozen text encoders
     # (--sample-keep-models keeps them on the GPU all run instead).
@@ -183,14 +188,15 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     zero = [] if cfg.network_weights else zero_start_parameters(modules.values())
     states = {(name, s): planned_state_bytes(name, params, shadow=s, args=args, zero_start=zero)
               for name, s in dict.fromkeys(rows + [(REFERENCE, False)])}
-    reference_total = lora_bytes + grad_bytes + base_total + transient + ema_bytes + states[(REFERENCE, False)]
+    reference_total = lora_bytes + grad_bytes + base_total + transient + ema_bytes + copies \
+        + states[(REFERENCE, False)]
     out_rows = {}
     for name, s in rows:
         state = states[(name, s)]
-        total = lora_bytes + state + grad_bytes + base_total + transient + ema_bytes
+        total = lora_bytes + state + grad_bytes + base_total + transient + ema_bytes + copies
         out_rows[row_key(name, s)] = {
             "optimizer": name, "shadow": s, "lora_param_bytes": lora_bytes, "state_bytes": state,
-            "ema_bytes": ema_bytes,
+            "ema_bytes": ema_bytes, "fused_copy_bytes": copies,
             "grad_bytes": grad_bytes, "base_bytes": base_total, "total_bytes": total,
             "delta_vs_emocats_bytes": total - reference_total,
             "training_step_bytes": total - base_total + base_resident,
@@ -205,12 +211,16 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         try:
             acts = step_activations(cfg, modules["unet"], encoders=encoders)
         except (DataDependentOutputException, DynamicOutputShapeException):
-            # peft's LoHa/LoKr layers read a tensor's value in their forward, which fake
-            # tensors cannot give: this plan has no activation figure (the rest is exact).
+            # a forward that reads a tensor's value (as peft's LoHa/LoKr layers did before
+            # lora/lycoris.py's _Steady) cannot run on fake tensors: no activation figure
+            # then (the rest is exact).
             acts = None
             untraced = (f"activations: not planned for --adapter {getattr(cfg, 'adapter', 'lora')} (its layers "
                         "cannot be traced without weights yet); the figures below leave them out")
     if acts:
+        # The trace's first fused layer allocates the factor copies, which then live on: they
+        # are in its peak, and counted above with what stays between steps.
+        acts = {**acts, "activation_bytes": acts["activation_bytes"] - copies}
         margin = acts["rounding_bytes"] + acts["workspace_bytes"]
         for row in out_rows.values():
             # One step's peak. Parts another option adds (an EMA copy, another adapter
@@ -225,7 +235,7 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
         "conv_rank": cfg.effective_conv_rank if cfg.targets == "full" else 0, "conv_alpha": cfg.effective_conv_alpha,
         "mixed_precision": cfg.mixed_precision, "fp8_base": cfg.fp8_base, "train_text_encoders": cfg.train_text_encoders,
         "targets": cfg.targets, "network_weights": cfg.network_weights, "adapter": cfg.adapter,
-        "adapter_transient_bytes": transient - fp8_cast, "fp8_cast_bytes": fp8_cast,
+        "adapter_transient_bytes": transient - fp8_cast, "fp8_cast_bytes": fp8_cast, "fused_copy_bytes": copies,
         "ema": {"decay": ema_decay, "bytes": ema_total, "on": "cpu" if ema_cpu else "gpu"}
         if ema_total else None,
         "lora_params": sum(p.numel() for p in params), "lora_tensors": len(params),

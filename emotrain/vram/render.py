@@ -70,6 +70,8 @@ def format_table(p: dict) -> str:
         *([f"EMA (--ema-decay {ema['decay']:g}): one fp32 copy of the LoRA, {_mb(ema['bytes'])} MB, "
            + ("on the GPU (in every total)." if ema["on"] == "gpu" else "in CPU memory (--ema-on-cpu): not in the "
               "GPU totals.")] if ema else []),
+        *([f"Fused LoRA forward: {p['mixed_precision']} copies of the LoRA factors, {_mb(p['fused_copy_bytes'])} MB, "
+           "held between steps (in Total and Train step, not in Activations)."] if p.get("fused_copy_bytes") else []),
         _sampling_line(p),
         "LoRA parameters by layer kind:"]
     for kind, v in p["lora_params_by_layer"].items():

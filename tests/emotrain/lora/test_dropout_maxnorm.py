@@ -46,6 +46,11 @@ def by_hand(layer, x, keep_h=None, keep_rank=None, rank_p=0.0):
     return layer.base_layer(x) + (SCALE / (1 - rank_p)) * h @ B.t()
 
 
+def kept(mask):
+    """1 where a mask keeps, 0 where it drops (an fp32 mask also carries the LoRA's scale)."""
+    return (mask != 0).float()
+
+
 def test_no_layer_changes_without_dropout():
     model = net()
     kinds = {type(m) for m in model.modules()}
@@ -62,11 +67,12 @@ def test_network_dropout_drops_rank_neurons_scaled_by_1_over_1_minus_p():
     state = torch.random.get_rng_state()
     with drop.micro_batch(torch.Generator().manual_seed(5)):
         out = model.lin(x)
-        keep_h, _ = getattr(model.lin, dropout.MASKS)[2:]
+        keep_h, _ = getattr(model.lin, dropout.MASKS)[2:4]
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is never drawn from
-    assert keep_h.shape == (64, 10, RANK) and set(keep_h.unique().tolist()) == {0.0, 1.0}
+    # fp32: the mask carries the scale and 1/(1-p), in place of peft's multiply by the scale
+    assert keep_h.shape == (64, 10, RANK) and keep_h.unique().tolist() == pytest.approx([0.0, SCALE / (1 - p)])
     assert abs((keep_h == 0).float().mean().item() - p) < 0.05  # each neuron at each position
-    torch.testing.assert_close(out, by_hand(model.lin, x, keep_h=keep_h / (1 - p)))  # kept ones x 1/(1-p)
+    torch.testing.assert_close(out, by_hand(model.lin, x, keep_h=kept(keep_h) / (1 - p)))  # kept ones x 1/(1-p)
     torch.testing.assert_close(model.lin(x), plain)  # and after it
 
 
@@ -76,13 +82,46 @@ def test_rank_dropout_masks_ranks_per_sample_and_rescales():
     x = torch.randn(256, 7, 8)
     with drop.micro_batch(torch.Generator().manual_seed(6)):
         out = model.lin(x)
-        _, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
+        _, keep_rank = getattr(model.lin, dropout.MASKS)[2:4]
         conv_out = model.conv(torch.randn(4, 3, 6, 6))
         conv_keep = getattr(model.conv, dropout.MASKS)[3]
-    assert keep_rank.shape == (256, 1, RANK) and set(keep_rank.unique().tolist()) == {0.0, 1.0}
+    assert keep_rank.shape == (256, 1, RANK) and keep_rank.unique().tolist() == pytest.approx([0.0, SCALE / (1 - p)])
     assert abs((keep_rank == 0).float().mean().item() - p) < 0.06
-    torch.testing.assert_close(out, by_hand(model.lin, x, keep_rank=keep_rank, rank_p=p))
+    torch.testing.assert_close(out, by_hand(model.lin, x, keep_rank=kept(keep_rank), rank_p=p))
     assert conv_keep.shape == (4, RANK, 1, 1) and conv_out.shape == (4, 5, 6, 6)  # per sample and rank of a conv
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32-peft-layers", "bf16-fused"])
+@pytest.mark.parametrize("which", ["lin", "conv"])
+def test_the_gradients_with_both_dropouts_are_the_formula_s_by_autograd(which, autocast):
+    """The dropped LoRA's output and gradients (peft's layers in fp32; under autocast the
+    fused forward's own backward, fast.py) against autograd through the formula in fp32,
+    written with the reference model's plain modules and the run's masks."""
+    model, reference, p, q = net(), net(), 0.3, 0.25
+    drop = dropout.install([model], p, q, 0.0)
+    layer, plain = getattr(model, which), getattr(reference, which)
+    if autocast:  # as training holds it: the frozen base in bf16
+        layer.base_layer.to(torch.bfloat16)
+    shape = (4, 5, 8) if which == "lin" else (4, 3, 6, 6)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with drop.micro_batch(torch.Generator().manual_seed(3)), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = layer(x1)
+        assert ("Lora" in type(out.grad_fn).__name__) == autocast  # the fused function's backward, or autograd's
+        out.float().square().sum().backward()
+        keep_h, keep_rank = getattr(layer, dropout.MASKS)[2:4]
+    assert keep_h.shape[-1 if which == "lin" else 1] == RANK  # both masks were drawn
+    h = plain.lora_A["default"](x2) * kept(keep_h) * kept(keep_rank)
+    expected = plain.base_layer(x2) + SCALE / ((1 - p) * (1 - q)) * plain.lora_B["default"](h)
+    expected.square().sum().backward()
+    pairs = [(out.float(), expected), (x1.grad, x2.grad)] + \
+        [(m.grad, t.grad) for m, t in zip(factors(layer), factors(plain))]
+    for mine, theirs in pairs:
+        if autocast:  # bf16 products: within a few bf16 roundings of the fp32 formula
+            assert mine.dtype == theirs.dtype == torch.float32 or mine is pairs[1][0]
+            assert ((mine.float() - theirs).norm() / theirs.norm()).item() < 0.02
+        else:  # fp32, another order of sums
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_module_dropout_leaves_whole_modules_out():
@@ -152,7 +191,8 @@ def test_dropout_composes_with_the_fused_forward_under_autocast():
         assert torch.equal(model.lin(x), reference.lin(x))  # outside the window: the fused forward, unchanged
         with drop.micro_batch(torch.Generator().manual_seed(2)):
             out = model.lin(x)
-            keep_h, keep_rank = getattr(model.lin, dropout.MASKS)[2:]
-    expected = by_hand(model.lin, x, keep_h.float() / 0.5, keep_rank.float(), rank_p=0.25)
+            keep_h, keep_rank = getattr(model.lin, dropout.MASKS)[2:4]
+    assert set(keep_h.unique().tolist()) == {0.0, 1.0}  # 0/1 masks, the factors on the products
+    expected = by_hand(model.lin, x, kept(keep_h) / 0.5, kept(keep_rank), rank_p=0.25)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)

@@ -6,6 +6,7 @@ stands in for ``torch.cuda.mem_get_info``: the CLI tests below go through it."""
 import json
 
 import pytest
+import torch
 
 import emotrain.run.loop as loop
 from emotrain.disk.layout import RunFolder
@@ -18,11 +19,12 @@ def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
 
-def test_too_little_memory_stops_in_one_line_before_anything(tmp_path, monkeypatch):
+@pytest.mark.parametrize("adapter", ["lora", "loha"])  # LoHa/LoKr planned with their activations too
+def test_too_little_memory_stops_in_one_line_before_anything(tmp_path, monkeypatch, adapter):
     monkeypatch.setenv(FAKE_FREE, "1")
     monkeypatch.setattr(loop, "load_sdxl", _no_model)
     out = tmp_path / "run"
-    result = train(out, "--steps", "2", expect=2)
+    result = train(out, "--steps", "2", "--adapter", adapter, expect=2)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert "will not fit" in lines[0] and "short by" in lines[0] and "--no-memory-check" in lines[0]
@@ -62,7 +64,17 @@ def test_no_memory_check_goes_on_with_a_note(tmp_path, monkeypatch):
     assert memory["planned_peak_bytes"] is None and "--no-memory-check" in memory["plan"]
 
 
-def test_an_adapter_without_a_trace_is_said_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_a_step_without_a_trace_is_said_and_the_run_goes_on(tmp_path, monkeypatch):
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    import importlib
+
+    plan_module = importlib.import_module("emotrain.vram.plan")  # the module, not vram.plan the function
+
+    def untraceable(*args, **kwargs):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(plan_module, "step_activations", untraceable)
     monkeypatch.setenv(FAKE_FREE, "1")  # would not fit, if it could be planned
     out = tmp_path / "run"
     result = train(out, "--steps", "1", "--adapter", "loha")

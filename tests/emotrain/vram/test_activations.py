@@ -35,10 +35,12 @@ def test_the_tracker_counts_live_storages():
     assert cuda_rounded(4000) == 4096 and cuda_rounded(512) == 512 and cuda_rounded(0) == 0
 
 
-SETTINGS = [  # resolution, batch, checkpointing, precision
-    (64, 1, False, "bf16"),
-    (64, 2, False, "no"),
-    (128, 1, True, "bf16"),
+SETTINGS = [  # resolution, batch, checkpointing, precision, adapter
+    (64, 1, False, "bf16", "lora"),
+    (64, 2, False, "no", "lora"),
+    (128, 1, True, "bf16", "lora"),
+    (64, 1, False, "bf16", "loha"),
+    (64, 1, True, "bf16", "lokr"),
 ]
 
 
@@ -47,9 +49,9 @@ def _cfg(resolution, batch, checkpointing, precision, **kw):
                        gradient_checkpointing=checkpointing, mixed_precision=precision, min_snr_gamma=5.0, **kw)
 
 
-@pytest.mark.parametrize("resolution,batch,checkpointing,precision", SETTINGS)
-def test_planned_activations_match_a_real_step(resolution, batch, checkpointing, precision):
-    cfg = _cfg(resolution, batch, checkpointing, precision)
+@pytest.mark.parametrize("resolution,batch,checkpointing,precision,adapter", SETTINGS)
+def test_planned_activations_match_a_real_step(resolution, batch, checkpointing, precision, adapter):
+    cfg = _cfg(resolution, batch, checkpointing, precision, adapter=adapter)
     planned = step_activations(cfg, meta_sdxl(cfg)["unet"], use_cache=False)
     torch.manual_seed(0)
     dtype = weight_dtype(precision)
@@ -120,8 +122,20 @@ def test_trained_text_encoders_are_part_of_the_step():
     assert both["activations"]["activation_bytes"] > alone["activations"]["activation_bytes"]
 
 
-def test_a_kind_that_cannot_be_traced_says_so_and_gives_no_verdict():
+def test_a_step_that_cannot_be_traced_says_so_and_gives_no_verdict(monkeypatch):
+    """A forward that reads a tensor's value cannot run on fake tensors (peft's LoHa/LoKr
+    did, until lycoris.py's ``_Steady``): the plan says so instead of guessing."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    import importlib
+
+    plan_module = importlib.import_module("emotrain.vram.plan")  # the module, not vram.plan the function
     from helpers import run_cli
+
+    def untraceable(*args, **kwargs):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(plan_module, "step_activations", untraceable)
     base = ["vram", "--model", "tiny", "--resolution", "64", "--rank", "4", "--adapter", "loha", "--optim", "emoairy"]
     table = run_cli(*base).output
     assert "activations: not planned for --adapter loha" in table.lower()
@@ -144,3 +158,24 @@ def test_fp8_base_is_offered_when_it_is_the_cheapest_change_that_fits():
     assert missed["changes"][0]["flags"] == "--fp8-base" and missed["changes"][0]["fits"]
     applied = json.loads(run_cli(*base, "--fp8-base", "--gpu-memory", budget).output)["gpu_memory"]
     assert applied["fits"] and applied["peak_bytes"] == missed["changes"][0]["peak_bytes"]
+
+
+def test_the_fused_forward_s_factor_copies_are_planned_as_the_layers_hold_them():
+    from emotrain.lora import fast
+
+    cfg = _cfg(64, 1, False, "bf16", optim="emoairy")
+    planned = vram.plan(cfg)
+    torch.manual_seed(0)
+    unet = random_lora_unet("tiny", lora_config_for_run(cfg), "cpu", torch.bfloat16)
+    layer = next(m for m in unet.modules() if isinstance(m, fast.FastLinear))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the first fused forward makes every copy
+        layer(torch.randn(1, layer.in_features, dtype=torch.bfloat16))
+    held = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in getattr(layer, fast.SHADOWS).copies}
+    assert planned["fused_copy_bytes"] == sum(held.values()) == 2 * planned["lora_params"]
+    row = planned["optimizers"]["emoairy"]
+    assert row["fused_copy_bytes"] == planned["fused_copy_bytes"]  # held between steps: in the step's bytes
+    fp32 = vram.plan(cfg.replace(mixed_precision="no"))
+    assert fp32["fused_copy_bytes"] == 0  # no autocast, no copies
+    # the trace's forward made them too: counted once, with what stays between steps
+    raw = step_activations(cfg, meta_sdxl(cfg)["unet"])
+    assert row["activation_bytes"] == raw["activation_bytes"] - planned["fused_copy_bytes"]
