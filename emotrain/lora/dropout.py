@@ -46,7 +46,6 @@ from peft.tuners.lora import layer as peft_layer
 from ..errors import UserError
 from . import fast
 
-MASKS = "_emotrain_dropout_masks"  # the layer attribute holding (token, shape, h mask, rank mask, their product)
 CHUNK, CHUNK_CAP = 64, 1 << 22  # a mask draw covers 64 requests of the size that started it, at most 4M values
 
 
@@ -57,6 +56,7 @@ class Dropout:
         self.network, self.rank, self.module, self.layers = network, rank, module, layers
         self.token = None  # set within a training micro-batch only
         self._seed, self._count, self._generators, self._skips, self._pools = 0, 0, {}, None, {}
+        self.drawn: dict[int, tuple] = {}  # layer index -> (h's shape, h mask, rank mask, their product)
 
     @contextmanager
     def micro_batch(self, noise: torch.Generator):
@@ -72,8 +72,7 @@ class Dropout:
             yield
         finally:
             self.token, self._skips, self._pools = None, None, {}
-            for layer in self.layers:
-                setattr(layer, MASKS, None)
+            self.drawn.clear()
 
     def _generator(self, device: torch.device, stream: int) -> torch.Generator:
         key = (str(device), stream)
@@ -89,9 +88,9 @@ class Dropout:
         """(h mask or None, rank mask or None, their product) of ``layer`` in this
         micro-batch: 0 where dropped, ``value`` where kept (the first mask carries it, the
         second holds 1)."""
-        cached = getattr(layer, MASKS, None)
-        if cached is not None and cached[0] == self.token and cached[1] == h.shape:
-            return cached[2:]
+        cached = self.drawn.get(layer.emotrain_dropout_index)
+        if cached is not None and cached[0] == h.shape:
+            return cached[1:]
         keep_h = keep_rank = None
         if self.network:
             keep_h = self._take(h.numel(), self.network, 2, h, value).view(h.shape)
@@ -101,7 +100,7 @@ class Dropout:
             n = shape[0] * shape[1 if conv else -1]
             keep_rank = self._take(n, self.rank, 3, h, 1.0 if self.network else value).view(shape)
         keep = keep_rank if keep_h is None else keep_h if keep_rank is None else keep_h * keep_rank
-        setattr(layer, MASKS, (self.token, h.shape, keep_h, keep_rank, keep))
+        self.drawn[layer.emotrain_dropout_index] = (h.shape, keep_h, keep_rank, keep)
         return keep_h, keep_rank, keep
 
     def _take(self, n: int, p: float, stream: int, like: torch.Tensor, value: float) -> torch.Tensor:
@@ -143,14 +142,14 @@ class _WithDropout:
         if not (drop.network or drop.rank):
             return super().forward(x, *args, **kwargs)
         conv = isinstance(self, peft_layer.Conv2d)
-        if isinstance(self, fast._Fast):  # under autocast: one multiply of h and one of its gradient
+        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+        if autocast and isinstance(self, fast._Fast):  # one multiply of h and one of its gradient
             out = self.fused(x, draw=lambda h: drop.masks(self, h, conv)[2], extra=drop.scale())
             if out is not None:
                 return out
         name = self.emotrain_dropout_adapter  # peft's layers, as autograd sees them
         down, up = self.lora_A[name], self.lora_B[name]
         result = self.base_layer(x)
-        autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
         h = down(x if autocast else x.to(down.weight.dtype))
         # the LoRA's scale and the dropouts' 1/(1-p) ride on the mask: one multiply, as peft's scale
         h = h * drop.masks(self, h, conv, self.scaling[name] * drop.scale())[2]

@@ -67,7 +67,7 @@ def test_network_dropout_drops_rank_neurons_scaled_by_1_over_1_minus_p():
     state = torch.random.get_rng_state()
     with drop.micro_batch(torch.Generator().manual_seed(5)):
         out = model.lin(x)
-        keep_h, _ = getattr(model.lin, dropout.MASKS)[2:4]
+        keep_h, _ = drop.drawn[model.lin.emotrain_dropout_index][1:3]
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is never drawn from
     # fp32: the mask carries the scale and 1/(1-p), in place of peft's multiply by the scale
     assert keep_h.shape == (64, 10, RANK) and keep_h.unique().tolist() == pytest.approx([0.0, SCALE / (1 - p)])
@@ -82,9 +82,9 @@ def test_rank_dropout_masks_ranks_per_sample_and_rescales():
     x = torch.randn(256, 7, 8)
     with drop.micro_batch(torch.Generator().manual_seed(6)):
         out = model.lin(x)
-        _, keep_rank = getattr(model.lin, dropout.MASKS)[2:4]
+        _, keep_rank = drop.drawn[model.lin.emotrain_dropout_index][1:3]
         conv_out = model.conv(torch.randn(4, 3, 6, 6))
-        conv_keep = getattr(model.conv, dropout.MASKS)[3]
+        conv_keep = drop.drawn[model.conv.emotrain_dropout_index][2]
     assert keep_rank.shape == (256, 1, RANK) and keep_rank.unique().tolist() == pytest.approx([0.0, SCALE / (1 - p)])
     assert abs((keep_rank == 0).float().mean().item() - p) < 0.06
     torch.testing.assert_close(out, by_hand(model.lin, x, keep_rank=kept(keep_rank), rank_p=p))
@@ -109,7 +109,7 @@ def test_the_gradients_with_both_dropouts_are_the_formula_s_by_autograd(which, a
         out = layer(x1)
         assert ("Lora" in type(out.grad_fn).__name__) == autocast  # the fused function's backward, or autograd's
         out.float().square().sum().backward()
-        keep_h, keep_rank = getattr(layer, dropout.MASKS)[2:4]
+        keep_h, keep_rank = drop.drawn[layer.emotrain_dropout_index][1:3]
     assert keep_h.shape[-1 if which == "lin" else 1] == RANK  # both masks were drawn
     h = plain.lora_A["default"](x2) * kept(keep_h) * kept(keep_rank)
     expected = plain.base_layer(x2) + SCALE / ((1 - p) * (1 - q)) * plain.lora_B["default"](h)
@@ -191,7 +191,7 @@ def test_dropout_composes_with_the_fused_forward_under_autocast():
         assert torch.equal(model.lin(x), reference.lin(x))  # outside the window: the fused forward, unchanged
         with drop.micro_batch(torch.Generator().manual_seed(2)):
             out = model.lin(x)
-            keep_h, keep_rank = getattr(model.lin, dropout.MASKS)[2:4]
+            keep_h, keep_rank = drop.drawn[model.lin.emotrain_dropout_index][1:3]
     assert set(keep_h.unique().tolist()) == {0.0, 1.0}  # 0/1 masks, the factors on the products
     expected = by_hand(model.lin, x, kept(keep_h) / 0.5, kept(keep_rank), rank_p=0.25)
     assert out.dtype == torch.bfloat16
