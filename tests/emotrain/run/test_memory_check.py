@@ -19,15 +19,19 @@ def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded")
 
 
-@pytest.mark.parametrize("adapter", ["lora", "loha"])  # LoHa/LoKr planned with their activations too
-def test_too_little_memory_stops_in_one_line_before_anything(tmp_path, monkeypatch, adapter):
-    monkeypatch.setenv(FAKE_FREE, "1")
+def test_too_little_memory_stops_in_one_line_before_anything(tmp_path, monkeypatch):
+    # 1 MiB less than the run's plan (emotrain vram, same flags): the first change that
+    # fits is named (a budget nothing fits would make the search plan every change)
+    vram = json.loads(run_cli("vram", *FAST, "--steps", "2", "--optim", "emoairy", "--no-shadow", "--json").stdout)
+    short = vram["optimizers"]["emoairy"]["peak_bytes"] // 2**20 - 1
+    monkeypatch.setenv(FAKE_FREE, str(short))
     monkeypatch.setattr(loop, "load_sdxl", _no_model)
     out = tmp_path / "run"
-    result = train(out, "--steps", "2", "--adapter", adapter, expect=2)
+    result = train(out, "--steps", "2", expect=2)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert "will not fit" in lines[0] and "short by" in lines[0] and "--no-memory-check" in lines[0]
+    assert f"{short} MiB free" in lines[0] and "cheapest fix: --" in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()  # no lock, no folder, no run.json
 
