@@ -139,8 +139,8 @@ def test_merge_combine_convert_commands(trained, tmp_path, tiny_path):
 
 
 def test_vram_command(tmp_path):
-    # what `emotrain vram --model sdxl --rank 8` plans, its activations left out: the SDXL
-    # trace is the CLI's in tests/emotrain/vram/test_vram.py (about a CPU-minute each)
+    # what `emotrain vram --model sdxl --rank 8` plans, its activations left out (an SDXL
+    # trace costs about a CPU-minute; the CLI's traces run on the tiny model in tests/emotrain/vram/)
     from emotrain import vram
     from emotrain.config import TrainConfig
     plan = vram.plan(TrainConfig(model="sdxl", rank=8), "all", "both", activations=False)
