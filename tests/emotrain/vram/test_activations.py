@@ -135,8 +135,10 @@ def test_a_step_that_cannot_be_traced_says_so_and_gives_no_verdict(monkeypatch):
     def untraceable(*args, **kwargs):
         raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
 
-    monkeypatch.setattr(plan_module, "step_activations", untraceable)
     base = ["vram", "--model", "tiny", "--resolution", "64", "--rank", "4", "--adapter", "loha", "--optim", "emoairy"]
+    traced = json.loads(run_cli(*base, "--json").output)  # LoHa itself is traced now
+    assert traced["activations_untraced"] is None and traced["optimizers"]["emoairy"]["peak_bytes"] > 0
+    monkeypatch.setattr(plan_module, "step_activations", untraceable)
     table = run_cli(*base).output
     assert "activations: not planned for --adapter loha" in table.lower()
     refused = run_cli(*base, "--gpu-memory", "8", expect=2).output.strip()
@@ -174,6 +176,7 @@ def test_the_fused_forward_s_factor_copies_are_planned_as_the_layers_hold_them()
     assert planned["fused_copy_bytes"] == sum(held.values()) == 2 * planned["lora_params"]
     row = planned["optimizers"]["emoairy"]
     assert row["fused_copy_bytes"] == planned["fused_copy_bytes"]  # held between steps: in the step's bytes
+    assert "Fused LoRA forward: bf16 copies" in vram.format_table(planned)  # what `emotrain vram` prints
     fp32 = vram.plan(cfg.replace(mixed_precision="no"))
     assert fp32["fused_copy_bytes"] == 0  # no autocast, no copies
     # the trace's forward made them too: counted once, with what stays between steps
