@@ -168,3 +168,13 @@ def test_a_checkpoints_ema_file_is_checked_like_the_others(ema_run, tmp_path):
     data[-1] ^= 1
     (damaged / "ema.safetensors").write_bytes(bytes(data))
     assert "ema.safetensors does not match the sha256" in problem(damaged)
+
+
+def test_the_swap_gives_back_every_bit_negative_zeros_included():
+    p = torch.nn.Parameter(torch.tensor([-0.0, 0.0, 1.5, -2.0]))
+    ema = LoraEma({"w": p}, 0.9)
+    with torch.no_grad():
+        ema.tensors[0].fill_(7.0)
+    with ema.swapped_in():
+        assert torch.equal(p.detach(), torch.full((4,), 7.0))
+    assert p.detach().view(torch.int32).tolist() == torch.tensor([-0.0, 0.0, 1.5, -2.0]).view(torch.int32).tolist()
