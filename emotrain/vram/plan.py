@@ -172,8 +172,11 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     # --fp8-base: one stored layer at a time holds its bf16 copy while it computes
     fp8_cast = sdxl.fp8_cast_bytes(modules["unet"]) if getattr(cfg, "fp8_base", False) else 0
     transient = adapter_transient_bytes(modules) + fp8_cast
-    # the fused LoRA forward's low-precision factor copies (lora/fast.py), held between steps
-    copies = sum(fast.copy_bytes(m, cfg.mixed_precision) for m in modules.values())
+    # the fused LoRA forward's low-precision factor copies (lora/fast.py), held between steps;
+    # --compile gives the repeated blocks' layers back to peft's forward (lora/start.py)
+    traced_copies = sum(fast.copy_bytes(m, cfg.mixed_precision) for m in modules.values())
+    compiled = sdxl.repeated_blocks(modules["unet"]) if getattr(cfg, "compile", False) else []
+    copies = traced_copies - sum(fast.copy_bytes(b, cfg.mixed_precision) for b in compiled)
     resident = resident_components(cfg)
     # Sampling brings back what caching freed: the VAE and frozen text encoders
     # (--sample-keep-models keeps them on the GPU all run instead).
@@ -220,7 +223,7 @@ def plan(cfg, optims=None, shadow=None, activations: bool = True) -> dict:
     if acts:
         # The trace's first fused layer allocates the factor copies, which then live on: they
         # are in its peak, and counted above with what stays between steps.
-        acts = {**acts, "activation_bytes": acts["activation_bytes"] - copies}
+        acts = {**acts, "activation_bytes": acts["activation_bytes"] - traced_copies}
         margin = acts["rounding_bytes"] + acts["workspace_bytes"]
         for row in out_rows.values():
             # One step's peak. Parts another option adds (an EMA copy, another adapter

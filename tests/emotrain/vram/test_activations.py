@@ -179,6 +179,12 @@ def test_the_fused_forward_s_factor_copies_are_planned_as_the_layers_hold_them()
     assert "Fused LoRA forward: bf16 copies" in vram.format_table(planned)  # what `emotrain vram` prints
     fp32 = vram.plan(cfg.replace(mixed_precision="no"))
     assert fp32["fused_copy_bytes"] == 0  # no autocast, no copies
+    # --compile: the repeated blocks' layers run peft's forward (lora/start.py), the rest keep copies
+    from emotrain.sdxl import repeated_blocks
+    fast.uninstall(unet, repeated_blocks(unet))
+    rest = next(m for m in unet.modules() if isinstance(m, fast.FastLinear) or isinstance(m, fast.FastConv2d))
+    kept = 2 * sum(p.numel() for m in getattr(rest, fast.SHADOWS).layers for p in fast._factors(m))
+    assert 0 < vram.plan(cfg.replace(compile=True))["fused_copy_bytes"] == kept < planned["fused_copy_bytes"]
     # the trace's forward made them too: counted once, with what stays between steps
     raw = step_activations(cfg, meta_sdxl(cfg)["unet"])
     assert row["activation_bytes"] == raw["activation_bytes"] - planned["fused_copy_bytes"]
