@@ -56,9 +56,9 @@ def free_memory() -> tuple[int, str] | None:
     return free, f"cuda:{index} ({name}: {free / GIB:.1f} of {total / GIB:.1f} GiB free)"
 
 
-def _plan_fn(c):
+def _plan_fn(c, activations: bool = True):
     from .. import vram
-    return vram.plan(c, c.optim, c.shadow)
+    return vram.plan(c, c.optim, c.shadow, activations=activations)
 
 
 def _fixes(cfg, budget: int, peak: int) -> str:

@@ -13,7 +13,11 @@ The changes, cheapest first (what they cost the run):
 7. a lower resolution (768, then 512 px): less detail learned.
 Each is planned alone, cheapest first, up to the first that fits; if none fits alone,
 they are applied together in that order until the run fits. Each plan of new shapes
-traces a step (about a CPU-minute for SDXL), cached after.
+traces a step (about a CPU-minute for SDXL), cached after, so a change is first planned
+without activations: what the step holds besides them (weights, state, copies; the
+gradients left out, the backward may free activations before they all exist) plus the
+cuBLAS workspaces is a floor under its peak, and a change whose floor already misses is
+answered from it ("misses by at least"), untraced.
 """
 
 from __future__ import annotations
@@ -75,9 +79,15 @@ def _ladder(cfg) -> list[tuple[str, dict]]:
     return steps
 
 
-def _peak(plan_fn, cfg) -> int:
-    p = plan_fn(cfg)
-    return p["optimizers"][_row(cfg)]["peak_bytes"]
+def _peak(plan_fn, cfg, budget: int) -> tuple[int, bool]:
+    """-> (the planned peak of ``cfg``, False), or (a floor under it, True) when the
+    floor alone misses ``budget``: the trace is then not needed to know the answer."""
+    from .activations import CUDA_WORKSPACE_BYTES
+    row = plan_fn(cfg, activations=False)["optimizers"][_row(cfg)]
+    floor = row["training_step_bytes"] - row["grad_bytes"] + CUDA_WORKSPACE_BYTES
+    if floor > budget:
+        return floor, True
+    return plan_fn(cfg)["optimizers"][_row(cfg)]["peak_bytes"], False
 
 
 def _row(cfg) -> str:
@@ -85,8 +95,12 @@ def _row(cfg) -> str:
     return row_key(cfg.optim, cfg.shadow)
 
 
-def verdict(peak: int, budget: int) -> dict:
+def verdict(peak: int, budget: int, floor: bool = False) -> dict:
+    """``floor``: ``peak`` is a floor under the peak (never fits; misses by at least)."""
     spare = budget - peak
+    if floor:
+        return {"fits": False, "spare_bytes": spare, "floor": True,
+                "text": f"misses by at least {-spare / GIB:.1f} GiB"}
     return {"fits": spare >= 0, "spare_bytes": spare,
             "text": (f"fits with {spare / GIB:.1f} GiB to spare" if spare >= 0
                      else f"misses by {-spare / GIB:.1f} GiB")}
@@ -95,25 +109,25 @@ def verdict(peak: int, budget: int) -> dict:
 def fit(cfg, budget: int, plan_fn, peak: int) -> dict:
     """The verdict for ``cfg`` (planned peak ``peak``) on ``budget`` bytes and, when it
     misses, the changes: each alone, cheapest first, up to the first that fits; if none
-    does, together (cheapest first) until it fits. ``plan_fn(cfg)`` plans a changed run."""
+    does, together (cheapest first) until it fits. ``plan_fn(cfg, activations=True)``
+    plans a changed run. A change whose floor (``_peak``) misses is reported with
+    ``"floor": True`` and that floor as its ``peak_bytes``."""
     out = {"budget_bytes": budget, "peak_bytes": peak, **verdict(peak, budget), "changes": [], "together": None}
     if out["fits"]:
         return out
     for flags, change in _ladder(cfg):
-        p = _peak(plan_fn, cfg.replace(**change))
-        out["changes"].append({"flags": flags, "peak_bytes": p, **verdict(p, budget)})
+        p, floor = _peak(plan_fn, cfg.replace(**change), budget)
+        out["changes"].append({"flags": flags, "peak_bytes": p, **verdict(p, budget, floor)})
         if p <= budget:  # the cheapest change that fits alone: the dearer ones are not needed
             return out
     applied, current = [], cfg
     for flags, change in _ladder(cfg):
         current = current.replace(**change)
         applied.append(flags)
-        p = _peak(plan_fn, current)
+        p, floor = _peak(plan_fn, current, budget)
+        out["together"] = {"flags": " ".join(applied), "peak_bytes": p, **verdict(p, budget, floor)}
         if p <= budget:
-            out["together"] = {"flags": " ".join(applied), "peak_bytes": p, **verdict(p, budget)}
             break
-    else:
-        out["together"] = {"flags": " ".join(applied), "peak_bytes": p, **verdict(p, budget)}
     return out
 
 
@@ -124,10 +138,14 @@ def format_fit(f: dict, label: str) -> str:
     if f["changes"]:
         lines.append("Changes, cheapest first (each alone, up to the first that fits):")
         for c in f["changes"]:
-            lines.append(f"  {c['flags']:42s} {c['peak_bytes'] / GIB:6.2f} GiB  {c['text']}")
+            size = ("> " if c.get("floor") else "") + f"{c['peak_bytes'] / GIB:.2f}"
+            lines.append(f"  {c['flags']:42s} {size:>8s} GiB  {c['text']}")
     t = f["together"]
     if t:
-        lines.append(f"Together: {t['flags']}: {t['peak_bytes'] / GIB:.2f} GiB, {t['text']}.")
+        size = ("more than " if t.get("floor") else "") + f"{t['peak_bytes'] / GIB:.2f}"
+        lines.append(f"Together: {t['flags']}: {size} GiB, {t['text']}.")
     if not any(c["fits"] for c in f["changes"]) and not (t and t["fits"]):
         lines.append("No change here makes it fit: a card with more memory is needed.")
+    if any(c.get("floor") for c in f["changes"]) or (t and t.get("floor")):
+        lines.append("'> X GiB': what the step holds besides its activations already misses; not traced.")
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@ its own batches of the same epoch order, with its own noise; the replicas stay i
 the Emo family gets the mean loss over processes; a stop and a resume end bit-exact."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -103,10 +104,13 @@ def test_a_stop_and_resume_under_two_processes_is_bit_exact(straight, tmp_path):
 
 
 def test_the_survivor_of_a_killed_process_saves_its_replica_and_the_run_resumes(tmp_path):
+    # Under bf16 with --fp8-base: the stored float8 weights are not broadcast by
+    # DistributedDataParallel (gloo has no float8), and the run trains and resumes on two processes.
     import psutil
 
     out = tmp_path / "killed"
-    proc = launch(*FAST, "--optim", "emoairy", "--steps", "6", "--save-every", "0", "--output", out, trace=True)
+    proc = launch(*FAST, "--optim", "emoairy", "--steps", "6", "--save-every", "0", "--mixed-precision", "bf16",
+                  "--fp8-base", "--output", out, trace=True)
     deadline = time.time() + 300
     while not (out / "trace-rank-0.jsonl").exists() or len(trace(out, 0)) < 2:  # two steps trained
         assert proc.poll() is None and time.time() < deadline, finish(proc)[1]
@@ -125,11 +129,4 @@ def test_the_survivor_of_a_killed_process_saves_its_replica_and_the_run_resumes(
     assert code == 0 and f"resumed from {ckpt}" in output and "not bit-identically" in output, output
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["steps"] == len(run["losses"]) == 6
-
-
-def test_fp8_base_trains_on_two_processes(tmp_path):
-    # The stored float8 weights are not broadcast by DistributedDataParallel (gloo has no float8).
-    out = tmp_path / "run"
-    code, output = finish(launch(*FAST, "--steps", "2", "--mixed-precision", "bf16", "--fp8-base", "--output", out))
-    assert code == 0, output
-    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert run["config"]["fp8_base"] is True and all(map(math.isfinite, run["losses"]))

@@ -113,13 +113,13 @@ def test_a_copied_run_resumes_in_place(four_steps, tmp_path):
     assert run["losses"][:4] == run_json(four_steps)["losses"]  # the history travelled with the checkpoint
 
 
-def test_a_relative_output_resumes_from_another_directory(tmp_path):
+def test_a_relative_output_resumes_from_another_directory(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = cli("sdxl-lora", *FAST, "--steps", "2", "--output", "rel", cwd=tmp_path / "a")
-    assert first.returncode == 0, first.stderr
-    again = cli("sdxl-lora", "--resume", "../a/rel", "--steps", "3", cwd=tmp_path / "b")
-    assert again.returncode == 0, again.stderr
+    monkeypatch.chdir(tmp_path / "a")
+    run_cli("sdxl-lora", *FAST, "--steps", "2", "--output", "rel")
+    monkeypatch.chdir(tmp_path / "b")
+    run_cli("sdxl-lora", "--resume", "../a/rel", "--steps", "3")
     assert (tmp_path / "a" / "rel" / "checkpoints" / "step-000003").is_dir()
     assert list((tmp_path / "b").iterdir()) == []
 

@@ -111,6 +111,51 @@ def test_gpu_memory_verdict_and_the_changes_that_fit():
     assert "misses by" in text and "--gradient-checkpointing" in text
 
 
+def _fake_plans(sizes, calls):
+    """A plan_fn for vram.fit: ``sizes(cfg)`` -> (static bytes, gradient bytes, peak)."""
+    def plan_fn(c, activations=True):
+        static, grads, peak = sizes(c)
+        calls.append((c, activations))
+        row = {"training_step_bytes": static, "grad_bytes": grads}
+        return {"optimizers": {vram.row_key(c.optim, c.shadow): {**row, "peak_bytes": peak} if activations else row}}
+    return plan_fn
+
+
+def test_a_change_whose_floor_misses_is_not_traced():
+    """fit plans each change without activations first: what the step holds besides them
+    (less the gradients) plus the workspaces is a floor under the peak, and a floor over the
+    budget answers "misses by at least" without the trace."""
+    ws = vram.CUDA_WORKSPACE_BYTES
+    cfg = _cfg(1024, 4, False, "bf16", optim="emosens")
+    calls = []
+    # static bytes fall with each change; the peak adds 3 GiB of activations (1 GiB with checkpointing)
+    def sizes(c):
+        static = (10 - (c.optim == "emoairy") - 2 * (c.batch_size == 1) - c.fp8_base) * vram.GIB
+        return static, vram.GIB // 2, static + (vram.GIB if c.gradient_checkpointing else 3 * vram.GIB) + ws
+    budget = 8 * vram.GIB
+    f = vram.fit(cfg, budget, _fake_plans(sizes, calls), sizes(cfg)[2])
+    first = f["changes"][0]  # checkpointing: static 10 GiB - 0.5 GiB of grads + ws > 8 GiB, untraced
+    assert first["flags"] == "--gradient-checkpointing" and first["floor"] and not first["fits"]
+    assert first["peak_bytes"] == 10 * vram.GIB - vram.GIB // 2 + ws
+    assert first["text"] == f"misses by at least {(first['peak_bytes'] - budget) / vram.GIB:.1f} GiB"
+    traced = [c for c, activations in calls if activations]
+    # floors under the budget are traced: the batch change alone (static 8 GiB less grads) and the
+    # changes together from the batch change on, up to the first that fits (with --fp8-base)
+    assert [(c.batch_size, c.fp8_base, c.optim) for c in traced] == [(1, False, "emosens"), (1, False, "emoairy"),
+                                                                      (1, True, "emoairy")]
+    assert f["together"]["fits"] and not f["together"].get("floor")
+    assert f["together"]["flags"].endswith("--fp8-base")
+    text = vram.format_fit(f, "8 GiB")
+    assert "> 9.56 GiB  misses by at least 1.6 GiB" in text and "not traced" in text
+
+
+def test_no_change_left_to_offer_answers_without_error():
+    cfg = _cfg(512, 1, True, "bf16", optim="emoairy", fp8_base=True).replace(rank=4)
+    f = vram.fit(cfg, 1, _fake_plans(lambda c: (vram.GIB, 0, 2 * vram.GIB), []), 2 * vram.GIB)
+    assert f["changes"] == [] and f["together"] is None and not f["fits"]
+    assert "No change here makes it fit" in vram.format_fit(f, "1 byte")
+
+
 def test_trained_text_encoders_are_part_of_the_step():
     cfg = _cfg(64, 1, False, "bf16", optim="emoairy")
     alone = vram.plan(cfg)
@@ -160,6 +205,19 @@ def test_fp8_base_is_offered_when_it_is_the_cheapest_change_that_fits():
     assert missed["changes"][0]["flags"] == "--fp8-base" and missed["changes"][0]["fits"]
     applied = json.loads(run_cli(*base, "--fp8-base", "--gpu-memory", budget).output)["gpu_memory"]
     assert applied["fits"] and applied["peak_bytes"] == missed["changes"][0]["peak_bytes"]
+
+
+def test_a_hopeless_budget_is_answered_from_floors_through_the_cli():
+    # the run of the test above with --fp8-base (its trace is in the cache): on 10 MiB
+    from helpers import run_cli
+    base = ["vram", "--model", "tiny", "--rank", "8", "--resolution", "64", "--optim", "emoairy",
+            "--mixed-precision", "bf16", "--gradient-checkpointing", "--fp8-base", "--gpu-memory", "0.01"]
+    f = json.loads(run_cli(*base, "--json").output)["gpu_memory"]
+    assert not f["fits"] and f["changes"] and f["changes"][-1]["flags"].startswith("--rank 4")
+    assert all(c["floor"] and c["text"].startswith("misses by at least") for c in f["changes"])
+    assert f["together"]["floor"] and not f["together"]["fits"]
+    text = run_cli(*base).output
+    assert "No change here makes it fit" in text and "not traced" in text
 
 
 def test_the_fused_forward_s_factor_copies_are_planned_as_the_layers_hold_them():

@@ -267,9 +267,11 @@ def test_vram_plans_the_preset_run():
     assert cached["cached"] and cached["activation_bytes"] == traced["activation_bytes"] > 0
     assert by_preset == by_flags and list(by_preset["optimizers"]) == ["emoairy"]
     assert by_preset["mixed_precision"] == "bf16" and by_preset["conv_rank"] == 8
-    wider = json.loads(run_cli("vram", "--preset", "emoairy", "--model", "tiny", "--resolution", "64", "--rank", "64",
+    # a flag over the preset wins (--alpha: the same shapes, so the trace comes from the cache)
+    wider = json.loads(run_cli("vram", "--preset", "emoairy", "--model", "tiny", "--resolution", "64", "--alpha", "32",
                                "--optim", "all", "--both", "--json").output)
-    assert wider["rank"] == 64 and len(wider["optimizers"]) == 12
+    assert (wider["rank"], wider["alpha"]) == (32, 32) and len(wider["optimizers"]) == 12
+    assert wider["activations"]["cached"]
 
 
 def test_measure_trains_the_models_own_prediction_type():
