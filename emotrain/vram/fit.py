@@ -123,9 +123,10 @@ def fit(cfg, budget: int, plan_fn, peak: int) -> dict:
     applied, current = [], cfg
     for flags, change in _ladder(cfg):
         current = current.replace(**change)
-        applied.append(flags)
+        # a later step of the same setting (rank 4 after rank 8, 512 px after 768) replaces it
+        applied = [(f, c) for f, c in applied if not set(c) <= set(change)] + [(flags, change)]
         p, floor = _peak(plan_fn, current, budget)
-        out["together"] = {"flags": " ".join(applied), "peak_bytes": p, **verdict(p, budget, floor)}
+        out["together"] = {"flags": " ".join(f for f, _ in applied), "peak_bytes": p, **verdict(p, budget, floor)}
         if p <= budget:
             break
     return out

@@ -149,6 +149,16 @@ def test_a_change_whose_floor_misses_is_not_traced():
     assert "> 9.56 GiB  misses by at least 1.6 GiB" in text and "not traced" in text
 
 
+def test_together_names_each_setting_once():
+    # only rank 4 at 512 px fits: the changes together end there, each setting named once
+    cfg = _cfg(1024, 1, True, "bf16", optim="emoairy", fp8_base=True).replace(rank=16, conv_rank=8)
+    f = vram.fit(cfg, 2 * vram.GIB, _fake_plans(lambda c: (0, 0, (1 + 3 * (c.resolution > 512 or c.rank > 4))
+                                                                 * vram.GIB), []), 4 * vram.GIB)
+    assert [c["flags"] for c in f["changes"]] == ["--rank 8 --conv-rank 4", "--rank 4 --conv-rank 2",
+                                                   "--resolution 768", "--resolution 512"]
+    assert f["together"]["fits"] and f["together"]["flags"] == "--rank 4 --conv-rank 2 --resolution 512"
+
+
 def test_no_change_left_to_offer_answers_without_error():
     cfg = _cfg(512, 1, True, "bf16", optim="emoairy", fp8_base=True).replace(rank=4)
     f = vram.fit(cfg, 1, _fake_plans(lambda c: (vram.GIB, 0, 2 * vram.GIB), []), 2 * vram.GIB)
