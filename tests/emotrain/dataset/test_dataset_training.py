@@ -101,7 +101,8 @@ def test_regularization_images_get_the_prior_loss_weight(tmp_path):
 
 def test_vram_keeps_the_encoders_that_per_draw_data_needs():
     def resident(*flags):
-        result = run_cli("vram", "--model", "tiny", "--optim", "emocats", "--rank", "4", "--json", *flags)
+        result = run_cli("vram", "--model", "tiny", "--resolution", "64", "--optim", "emocats", "--rank", "4",
+                         "--json", *flags)
         plan = json.loads(result.output)
         return plan["resident_while_training"], plan["optimizers"]["emocats"]["training_step_bytes"], plan
     cached, cached_bytes, plan = resident()

@@ -182,7 +182,7 @@ def test_convert_combine_and_plan(run, tmp_path):
         assert "SVD combine" in result.output
         parts = set().union(*map(set, groups(tmp_path / "c.safetensors").values()))
         assert parts == {"lora_down.weight", "lora_up.weight", "alpha"}
-    plan = json.loads(run_cli("vram", "--model", "tiny", "--rank", "4", "--adapter", kind,
+    plan = json.loads(run_cli("vram", "--model", "tiny", "--resolution", "64", "--rank", "4", "--adapter", kind,
                               *(["--lokr-factor", "4"] if kind == "lokr" else []),
                               "--optim", "emoairy", "--json").stdout)
     trained = load_file(out / "checkpoints" / "step-000004" / "trainable.safetensors")
