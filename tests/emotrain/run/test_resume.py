@@ -26,9 +26,9 @@ def assert_identical(a, b):
         assert torch.equal(ta[k], tb[k]), f"{k} differs after resume"
 
 
-# Each Emo optimizer once, the shadow on and off both (every optimizer's state_dict round
-# trip, shadow or not, is exact in tests/optim/test_optim_state.py; the hard stops below run
-# EmoAiry with the shadow).
+# Each Emo optimizer once, the shadow on and off both (each optimizer's own state_dict
+# resume, shadow on, is bit-exact in tests/optim/test_optim_state.py; the hard stops below
+# run EmoAiry with the shadow).
 COMBOS = [("emosens", True), ("emoairy", False), ("emocats", True)]
 
 
