@@ -51,16 +51,11 @@ def run_vram(preset: str | None, overrides: dict, *, both: bool = False, as_json
             row["fit"] = vram.verdict(row["peak_bytes"], size)
         own = vram.row_key(cfg.optim, cfg.shadow)
         peak = result["optimizers"][own]["peak_bytes"] if own in result["optimizers"] \
-            else vram.plan(cfg, cfg.optim, cfg.shadow)["optimizers"][own]["peak_bytes"]
-        result["gpu_memory"] = {"label": label, **vram.fit(cfg, size, _plan_fn, peak),
+            else vram.plan_run(cfg)["optimizers"][own]["peak_bytes"]
+        result["gpu_memory"] = {"label": label, **vram.fit(cfg, size, peak),
                                 "optimizer": own}
         fit_text = vram.format_fit(result["gpu_memory"], f"{label}, {vram.row_label(cfg.optim, cfg.shadow)}")
     return json.dumps(result, indent=2) if as_json else vram.format_table(result) + fit_text
-
-
-def _plan_fn(c, activations: bool = True) -> dict:
-    from .. import vram
-    return vram.plan(c, c.optim, c.shadow, activations=activations)
 
 
 def _has_gpu() -> bool:

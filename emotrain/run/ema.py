@@ -77,7 +77,7 @@ class LoraEma:
         """Inside: the parameters hold the EMA; afterwards the training weights, bit for bit."""
         with torch.no_grad():
             params = [p.detach() for p in self.params]
-            kept = torch._foreach_mul(params, 1.0)  # exact copies (x + 0 would turn -0.0 into +0.0)
+            kept = [p.clone() for p in params]  # bit-exact copies (x + 0 would turn -0.0 into +0.0)
             torch._foreach_copy_(params, self.tensors)
         try:
             yield

@@ -56,15 +56,10 @@ def free_memory() -> tuple[int, str] | None:
     return free, f"cuda:{index} ({name}: {free / GIB:.1f} of {total / GIB:.1f} GiB free)"
 
 
-def _plan_fn(c, activations: bool = True):
-    from .. import vram
-    return vram.plan(c, c.optim, c.shadow, activations=activations)
-
-
 def _fixes(cfg, budget: int, peak: int) -> str:
     """The --gpu-memory verdict's changes that fit, in a few words."""
     from .. import vram
-    f = vram.fit(cfg, budget, _plan_fn, peak)
+    f = vram.fit(cfg, budget, peak)
     fits = [c for c in f["changes"] if c["fits"]]
     if fits:
         return "; ".join(f"{c['flags']} (planned {size(c['peak_bytes'])})" for c in fits)
@@ -87,7 +82,7 @@ def check(cfg) -> tuple[dict, str | None]:
         return {**memory, "plan": "not made: no CUDA device (the memory check is for GPUs)"}, None
     budget, label = free
     from .. import vram
-    plan = _plan_fn(cfg)
+    plan = vram.plan_run(cfg)
     row = plan["optimizers"][vram.row_key(cfg.optim, cfg.shadow)]
     if "peak_bytes" not in row:
         why = plan.get("activations_untraced") or "no activation figure"

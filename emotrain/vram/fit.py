@@ -79,6 +79,12 @@ def _ladder(cfg) -> list[tuple[str, dict]]:
     return steps
 
 
+def plan_run(cfg, activations: bool = True) -> dict:
+    """The plan of the run ``cfg`` describes: its own optimizer and shadow setting."""
+    from .plan import plan
+    return plan(cfg, cfg.optim, cfg.shadow, activations=activations)
+
+
 def _peak(plan_fn, cfg, budget: int) -> tuple[int, bool]:
     """-> (the planned peak of ``cfg``, False), or (a floor under it, True) when the
     floor alone misses ``budget``: the trace is then not needed to know the answer."""
@@ -106,12 +112,12 @@ def verdict(peak: int, budget: int, floor: bool = False) -> dict:
                      else f"misses by {-spare / GIB:.1f} GiB")}
 
 
-def fit(cfg, budget: int, plan_fn, peak: int) -> dict:
+def fit(cfg, budget: int, peak: int, plan_fn=plan_run) -> dict:
     """The verdict for ``cfg`` (planned peak ``peak``) on ``budget`` bytes and, when it
     misses, the changes: each alone, cheapest first, up to the first that fits; if none
     does, together (cheapest first) until it fits. ``plan_fn(cfg, activations=True)``
-    plans a changed run. A change whose floor (``_peak``) misses is reported with
-    ``"floor": True`` and that floor as its ``peak_bytes``."""
+    plans a changed run (``plan_run``). A change whose floor (``_peak``) misses is
+    reported with ``"floor": True`` and that floor as its ``peak_bytes``."""
     out = {"budget_bytes": budget, "peak_bytes": peak, **verdict(peak, budget), "changes": [], "together": None}
     if out["fits"]:
         return out
@@ -143,7 +149,7 @@ def format_fit(f: dict, label: str) -> str:
             lines.append(f"  {c['flags']:42s} {size:>8s} GiB  {c['text']}")
     t = f["together"]
     if t:
-        size = ("more than " if t.get("floor") else "") + f"{t['peak_bytes'] / GIB:.2f}"
+        size = ("> " if t.get("floor") else "") + f"{t['peak_bytes'] / GIB:.2f}"
         lines.append(f"Together: {t['flags']}: {size} GiB, {t['text']}.")
     if not any(c["fits"] for c in f["changes"]) and not (t and t["fits"]):
         lines.append("No change here makes it fit: a card with more memory is needed.")

@@ -137,7 +137,7 @@ def test_a_change_whose_floor_misses_is_not_traced():
         static = (10 - (c.optim == "emoairy") - 2 * (c.batch_size == 1) - c.fp8_base) * vram.GIB
         return static, vram.GIB // 2, static + (vram.GIB if c.gradient_checkpointing else 3 * vram.GIB) + ws
     budget = 8 * vram.GIB
-    f = vram.fit(cfg, budget, _fake_plans(sizes, calls), sizes(cfg)[2])
+    f = vram.fit(cfg, budget, sizes(cfg)[2], _fake_plans(sizes, calls))
     first = f["changes"][0]  # checkpointing: static 10 GiB - 0.5 GiB of grads + ws > 8 GiB, untraced
     assert first["flags"] == "--gradient-checkpointing" and first["floor"] and not first["fits"]
     assert first["peak_bytes"] == 10 * vram.GIB - vram.GIB // 2 + ws
@@ -156,8 +156,9 @@ def test_a_change_whose_floor_misses_is_not_traced():
 def test_together_names_each_setting_once():
     # only rank 4 at 512 px fits: the changes together end there, each setting named once
     cfg = _cfg(1024, 1, True, "bf16", optim="emoairy", fp8_base=True).replace(rank=16, conv_rank=8)
-    f = vram.fit(cfg, 2 * vram.GIB, _fake_plans(lambda c: (0, 0, (1 + 3 * (c.resolution > 512 or c.rank > 4))
-                                                                 * vram.GIB), []), 4 * vram.GIB)
+    def sizes(c):
+        return 0, 0, (4 if c.resolution > 512 or c.rank > 4 else 1) * vram.GIB
+    f = vram.fit(cfg, 2 * vram.GIB, 4 * vram.GIB, _fake_plans(sizes, []))
     assert [c["flags"] for c in f["changes"]] == ["--rank 8 --conv-rank 4", "--rank 4 --conv-rank 2",
                                                    "--resolution 768", "--resolution 512"]
     assert f["together"]["fits"] and f["together"]["flags"] == "--rank 4 --conv-rank 2 --resolution 512"
@@ -165,7 +166,7 @@ def test_together_names_each_setting_once():
 
 def test_no_change_left_to_offer_answers_without_error():
     cfg = _cfg(512, 1, True, "bf16", optim="emoairy", fp8_base=True).replace(rank=4)
-    f = vram.fit(cfg, 1, _fake_plans(lambda c: (vram.GIB, 0, 2 * vram.GIB), []), 2 * vram.GIB)
+    f = vram.fit(cfg, 1, 2 * vram.GIB, _fake_plans(lambda c: (vram.GIB, 0, 2 * vram.GIB), []))
     assert f["changes"] == [] and f["together"] is None and not f["fits"]
     assert "No change here makes it fit" in vram.format_fit(f, "1 byte")
 
